@@ -1,0 +1,34 @@
+r"""The embedded default: a synthetic preference task, SFT then DPO of a tiny decoder on CPU.
+
+The task (dpo_jax/data/synthetic.py): a prompt names a mood; responses are word sequences, and of two
+responses the one with more words of the prompt's mood is preferred. SFT learns to answer on the
+chosen responses; DPO then moves the policy away from the frozen SFT model towards the preferred
+mood. Finishes in a few minutes on 2 CPU cores.
+
+  python -m dpo_jax.main --config=configs/quickstart.py --workdir=/tmp/dpo_quickstart
+  python -m dpo_jax.main --config=configs/quickstart.py:runlocal --workdir=/tmp/dpo_tiny   # seconds
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False)
+    config = common.base_config()
+    if arg.runlocal:
+        # Just enough to exercise every piece: used by the end-to-end tests.
+        config.data.num_train = 256
+        config.data.num_eval = 64
+        config.model.num_layers = 1
+        config.model.embed_dim = 32
+        config.model.mlp_dim = 64
+        config.train.global_batch_size = 8
+        config.train.log_every_steps = 2
+        config.sft.num_steps = 6
+        config.sft.warmup_steps = 2
+        config.dpo.num_steps = 6
+        config.dpo.warmup_steps = 2
+        config.eval.every_steps = 3
+        config.eval.batch_size = 16
+        config.checkpoint.every_steps = 3
+    return config

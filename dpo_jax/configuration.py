@@ -1,0 +1,123 @@
+"""Config checks that run before anything compiles, and the binding of a workdir to its config.
+
+Every error names the offending key. A workdir remembers its resolved config (`config.json`);
+resuming it with a different model, data or training config is refused, listing the keys that
+differ, except for the keys in `RESUMABLE_CHANGES` (lengthening a run, changing how often it
+evaluates or saves, or the mesh it runs on).
+"""
+
+import json
+import os
+
+from configs import common
+from dpo_jax import losses
+
+STAGES = ("sft", "dpo")
+RESUMABLE_CHANGES = ("sft.num_steps", "dpo.num_steps", "eval.every_steps", "checkpoint.every_steps",
+                     "checkpoint.max_to_keep", "train.log_every_steps", "mesh.data", "mesh.fsdp", "mesh.tensor")
+# Sub-trees whose keys are free-form (checked by the code that reads them).
+OPEN_KEYS = ("dpo.loss_options",)
+
+
+def flatten(tree, prefix=""):
+    """{"a.b.c": value} of a nested dict or ConfigDict."""
+    items = {}
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        if hasattr(value, "items"):
+            items.update(flatten(value, path + "."))
+        else:
+            items[path] = value
+    return items
+
+
+def _check(condition, key, message):
+    if not condition:
+        raise ValueError(f"config.{key}: {message}")
+
+
+def _check_schema(config):
+    """Unknown keys and wrong types against `configs.common.base_config()`."""
+    defaults = flatten(common.base_config())
+    for key, value in flatten(config).items():
+        if key.startswith(tuple(f"{open_key}." for open_key in OPEN_KEYS)):
+            continue
+        _check(key in defaults, key, "unknown key (a typo? see configs/common.py for every key)")
+        default = defaults[key]
+        if isinstance(default, bool) or isinstance(value, bool):
+            _check(isinstance(value, bool) == isinstance(default, bool), key,
+                   f"expected {type(default).__name__}, got {value!r}")
+        elif isinstance(default, float):
+            _check(isinstance(value, (int, float)), key, f"expected a number, got {value!r}")
+        elif default is not None:
+            _check(isinstance(value, type(default)), key, f"expected {type(default).__name__}, got {value!r}")
+
+
+def validate(config):
+    """Raises ValueError naming the key for any invalid value of the config."""
+    _check_schema(config)
+    stages = tuple(config.stages)
+    _check(stages and all(stage in STAGES for stage in stages) and len(set(stages)) == len(stages), "stages",
+           f"must be distinct stages out of {STAGES}, got {stages}")
+    for stage in STAGES:
+        stage_config = config[stage]
+        _check(stage_config.num_steps >= 0, f"{stage}.num_steps", "must be >= 0")
+        _check(stage_config.learning_rate > 0, f"{stage}.learning_rate", "must be > 0")
+        _check(stage_config.warmup_steps >= 0, f"{stage}.warmup_steps", "must be >= 0")
+        _check(stage_config.schedule in ("constant", "linear", "cosine"), f"{stage}.schedule",
+               f"must be constant, linear or cosine, got {stage_config.schedule!r}")
+        _check(not stage_config.init_from or os.path.isdir(stage_config.init_from), f"{stage}.init_from",
+               f"{stage_config.init_from!r} is not a directory")
+    dpo = config.dpo
+    _check(dpo.beta > 0, "dpo.beta", f"must be > 0, got {dpo.beta}")
+    _check(0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {dpo.label_smoothing}")
+    _check(dpo.loss_type in losses.LOSS_TYPES, "dpo.loss_type",
+           f"{dpo.loss_type!r} is not one of {losses.LOSS_TYPES}")
+    _check(dpo.reference == "live", "dpo.reference", f"must be 'live', got {dpo.reference!r}")
+
+    train = config.train
+    _check(train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
+    _check(train.optimizer in ("adamw", "rmsprop"), "train.optimizer",
+           f"must be adamw or rmsprop, got {train.optimizer!r}")
+    _check(train.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0")
+    _check(train.log_every_steps > 0, "train.log_every_steps", "must be > 0")
+    _check(config.eval.every_steps > 0, "eval.every_steps", "must be > 0")
+    _check(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
+    _check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
+    _check(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0")
+
+    data = config.data
+    _check(data.name == "synthetic", "data.name", f"{data.name!r} is not a known dataset; known: ('synthetic',)")
+    _check(0 < data.max_prompt_length < data.max_length, "data.max_prompt_length",
+           f"must be in (0, data.max_length={data.max_length}), got {data.max_prompt_length}")
+    _check(data.num_train > 0 and data.num_eval > 0, "data.num_train", "num_train and num_eval must be > 0")
+
+    model = config.model
+    _check(model.embed_dim % model.num_heads == 0 or model.head_dim, "model.num_heads",
+           f"must divide model.embed_dim={model.embed_dim} (or set model.head_dim)")
+    _check(model.num_heads % model.num_kv_heads == 0, "model.num_kv_heads",
+           f"must divide model.num_heads={model.num_heads}")
+    _check(model.position_embedding in ("learned", "rope"), "model.position_embedding",
+           f"must be learned or rope, got {model.position_embedding!r}")
+    _check(model.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {model.norm!r}")
+    _check(data.max_length <= model.max_position_embeddings, "data.max_length",
+           f"exceeds model.max_position_embeddings={model.max_position_embeddings}")
+
+
+def bind_workdir(config, workdir):
+    """Writes `config.json` on a new workdir; on an existing one, refuses a different config."""
+    path = os.path.join(workdir, "config.json")
+    resolved = json.loads(config.to_json_best_effort())
+    if os.path.exists(path):
+        with open(path, encoding="utf-8") as f:
+            saved = flatten(json.load(f))
+        current = flatten(resolved)
+        differing = sorted(key for key in set(saved) | set(current)
+                           if saved.get(key) != current.get(key) and key not in RESUMABLE_CHANGES)
+        if differing:
+            changes = "; ".join(f"{key}: {saved.get(key)!r} -> {current.get(key)!r}" for key in differing)
+            raise ValueError(f"Workdir {workdir} holds a different run (its config.json differs in {changes}). "
+                             f"Use a new --workdir, or undo the changes to resume it.")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(resolved, f, indent=2, sort_keys=True)
+    os.replace(path + ".tmp", path)

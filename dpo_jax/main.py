@@ -1,0 +1,67 @@
+r"""Command line: `python -m dpo_jax.main --config=configs/quickstart.py --workdir=/tmp/run`.
+
+Any config value can be overridden, e.g. `--config.dpo.beta=0.05`. Running again on the same
+workdir resumes from its latest checkpoints.
+"""
+
+import logging as std_logging
+import os
+import sys
+
+# Config files import `configs.common`; make the repository's `configs/` importable from anywhere.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dpo_jax import train  # noqa: E402
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and the summary.")
+_HALT_AFTER_STEPS = flags.DEFINE_integer(
+    "halt_after_steps", None, "Stop after this many optimizer steps of this invocation, with a checkpoint "
+    "written (exit code 3); the same command resumes. For time-limited jobs.")
+flags.mark_flags_as_required(["config", "workdir"])
+
+HALTED_EXIT_CODE = 3
+
+
+def _maybe_initialize_distributed():
+    """Joins the multi-controller runtime when the environment describes one (coordinator, SLURM, TPU pod)."""
+    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or \
+            os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
+        jax.distributed.initialize()
+
+
+def _quiet_orbax(record):
+    """Orbax logs every save step at INFO; keep its warnings and errors only."""
+    return "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    logging.get_absl_logger().addFilter(_quiet_orbax)
+    _maybe_initialize_distributed()
+    logging.info("JAX %s on %s: %d devices, process %d of %d", jax.__version__, jax.default_backend(),
+                 jax.device_count(), jax.process_index(), jax.process_count())
+    try:
+        summary = train.run(_CONFIG.value, _WORKDIR.value, halt_after_steps=_HALT_AFTER_STEPS.value)
+    except train.Halted as halted:
+        logging.warning("%s", halted)
+        sys.exit(HALTED_EXIT_CODE)
+    except ValueError as error:  # a config or workdir problem: say it plainly, without a traceback
+        sys.exit(f"Error: {error}")
+    if jax.process_index() == 0:
+        print(train.format_report(summary))
+
+
+def run():
+    """Console script `dpo-jax`."""
+    app.run(main)
+
+
+if __name__ == "__main__":
+    run()

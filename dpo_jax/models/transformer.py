@@ -1,0 +1,431 @@
+"""A decoder-only transformer in Flax NNX, configured to match the families users start from.
+
+One implementation covers, by configuration:
+  - GPT-2: learned positions, LayerNorm, GELU MLP, tied embeddings;
+  - GPT-NeoX / Pythia: partial rotary, parallel residual, untied output;
+  - GPT-J: partial rotary, parallel residual through one shared norm, output bias;
+  - Llama / Mistral / Qwen2: RMSNorm, SwiGLU, grouped-query attention, Llama 3 rope scaling,
+    sliding-window attention (Mistral), q/k/v biases (Qwen2);
+  - Gemma: embeddings scaled by sqrt(width), (1 + w) RMSNorm, GeGLU.
+`dpo_jax.models.hf` maps each Hugging Face config and checkpoint onto it.
+
+Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads`, `mlp`) that
+`dpo_jax.sharding` maps to mesh axes, so parallelism is configuration. Attention goes through
+`jax.nn.dot_product_attention` with an explicit boolean mask (built from segment ids and
+positions, or given by the caller), so padded, packed and prefix-shared layouts share one code path
+and GPU/TPU backends can choose a fused kernel.
+
+Projections may carry LoRA adapters (`lora_rank > 0`); `nnx.view(model, use_lora=False)` switches
+them off, which gives the reference model of LoRA-DPO from the same parameters.
+"""
+
+import dataclasses
+import math
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+ACTIVATIONS = {
+    "gelu": lambda x: jax.nn.gelu(x, approximate=True),
+    "gelu_exact": lambda x: jax.nn.gelu(x, approximate=False),
+    "silu": jax.nn.silu,
+    "relu": jax.nn.relu,
+}
+# Projections that can carry LoRA adapters: attention (query, key, value, out) and MLP (gate, up, down).
+LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
+ROPE_SCALINGS = ("none", "linear", "llama3")
+# Fields that say how to run or where to start, not what the network computes.
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "init_from_hf", "lora_rank", "lora_alpha", "lora_targets")
+
+
+@dataclasses.dataclass(frozen=True)
+class DecoderConfig:
+    """Architecture of a decoder; see `configs/common.py:model_config` for the meaning of each field."""
+    vocab_size: int
+    num_layers: int
+    embed_dim: int
+    num_heads: int
+    num_kv_heads: int
+    mlp_dim: int
+    max_position_embeddings: int
+    head_dim: int = 0
+    position_embedding: str = "learned"
+    rope_theta: float = 10000.0
+    rotary_fraction: float = 1.0
+    rope_scaling: str = "none"
+    rope_scaling_factor: float = 1.0
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_max_position_embeddings: int = 8192
+    sliding_window: int = 0
+    norm: str = "layernorm"
+    norm_eps: float = 1e-5
+    norm_scale_offset: float = 0.0
+    activation: str = "gelu"
+    gated_mlp: bool = False
+    parallel_residual: bool = False
+    shared_block_norm: bool = False
+    tie_embeddings: bool = True
+    scale_embeddings: bool = False
+    attention_bias: bool = True
+    attention_out_bias: bool = True
+    mlp_bias: bool = True
+    lm_head_bias: bool = False
+    hf_model_type: str = "gpt2"
+    init_from_hf: str = ""
+    lora_rank: int = 0
+    lora_alpha: float = 16.0
+    lora_targets: tuple = LORA_TARGETS
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    remat: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # lists come from JSON configs
+        choices = dict(position_embedding=("learned", "rope"), norm=("layernorm", "rmsnorm"),
+                       activation=tuple(ACTIVATIONS), rope_scaling=ROPE_SCALINGS)
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"model.{name}={getattr(self, name)!r} is not one of {allowed}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_kv_heads={self.num_kv_heads} must divide model.num_heads={self.num_heads}")
+        if not self.head_dim and self.embed_dim % self.num_heads:
+            raise ValueError(f"model.num_heads={self.num_heads} must divide model.embed_dim={self.embed_dim} "
+                             "(or set model.head_dim)")
+        if self.shared_block_norm and not self.parallel_residual:
+            raise ValueError("model.shared_block_norm needs model.parallel_residual (one norm feeds both branches)")
+        unknown = sorted(set(self.lora_targets) - set(LORA_TARGETS))
+        if unknown:
+            raise ValueError(f"model.lora.targets: unknown projections {unknown}; known: {LORA_TARGETS}")
+
+    @classmethod
+    def from_config(cls, model_config):
+        """Builds from a `config.model` ConfigDict (its `lora` block flattened), ignoring other keys."""
+        fields = {f.name for f in dataclasses.fields(cls)}
+        values = {k: v for k, v in model_config.items() if k in fields}
+        lora = model_config.get("lora")
+        if lora is not None:
+            values.update(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=tuple(lora["targets"]))
+        return cls(**values)
+
+    @property
+    def resolved_head_dim(self):
+        return self.head_dim or self.embed_dim // self.num_heads
+
+    @property
+    def rotary_dim(self):
+        """Rotated dimensions of each head (GPT-NeoX: int(head_dim * rotary_pct)), even."""
+        rotary_dim = int(self.resolved_head_dim * self.rotary_fraction)
+        return rotary_dim - rotary_dim % 2
+
+
+# ---------------------------------------------------------------------------------------------
+# Layers
+# ---------------------------------------------------------------------------------------------
+
+class Dense(nnx.Module):
+    """x @ kernel (+ bias), plus an optional LoRA adapter (alpha / rank) * x @ lora_a @ lora_b.
+
+    `lora_b` starts at zero, so a fresh adapter leaves the layer unchanged. Adapters are stored in
+    float32 whatever the parameter dtype: they are small, and bfloat16 would round small updates away.
+    """
+
+    def __init__(self, in_features, out_features, axes, *, use_bias, config: DecoderConfig, rngs: nnx.Rngs,
+                 lora_rank=0, stddev=0.02):
+        param_dtype = jnp.dtype(config.param_dtype)
+        self.dtype = jnp.dtype(config.dtype)
+        self.kernel = nnx.Param(nnx.initializers.normal(stddev)(rngs.params(), (in_features, out_features),
+                                                                param_dtype), out_sharding=axes)
+        self.bias = (nnx.Param(jnp.zeros((out_features,), param_dtype), out_sharding=axes[-1:])
+                     if use_bias else None)
+        if lora_rank:
+            # PEFT's default A init (kaiming-uniform with a=sqrt(5)): uniform in +-1/sqrt(in_features).
+            a_init = nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+            self.lora_a = nnx.LoRAParam(a_init(rngs.params(), (in_features, lora_rank), jnp.float32),
+                                        out_sharding=(axes[0], None))
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora_rank, out_features), jnp.float32),
+                                        out_sharding=(None, axes[1]))
+            self.lora_scale = config.lora_alpha / lora_rank
+        else:
+            self.lora_a = self.lora_b = None
+        self.use_lora = True
+
+    def set_view(self, use_lora: Optional[bool] = None):
+        """For `nnx.view(model, use_lora=False)`: the same weights with the adapters switched off."""
+        if use_lora is not None:
+            self.use_lora = use_lora
+
+    def __call__(self, x):
+        x = x.astype(self.dtype)
+        y = x @ self.kernel[...].astype(self.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        if self.lora_a is not None and self.use_lora:
+            adapter = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            y = y + (self.lora_scale * adapter).astype(self.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * (offset + scale), in float32. Llama: offset 0; Gemma: offset 1 (scale starts at 0)."""
+
+    def __init__(self, config: DecoderConfig):
+        self.eps = config.norm_eps
+        self.offset = config.norm_scale_offset
+        self.dtype = jnp.dtype(config.dtype)
+        init = jnp.zeros if self.offset else jnp.ones
+        self.scale = nnx.Param(init((config.embed_dim,), jnp.dtype(config.param_dtype)), out_sharding=("embed",))
+
+    def __call__(self, x):
+        x = x.astype(jnp.float32)
+        normed = x * jax.lax.rsqrt(jnp.mean(jnp.square(x), axis=-1, keepdims=True) + self.eps)
+        return (normed * (self.offset + self.scale[...].astype(jnp.float32))).astype(self.dtype)
+
+
+def _dense(in_features, out_features, axes, *, use_bias, config, rngs, name=None):
+    lora_rank = config.lora_rank if name in config.lora_targets else 0
+    return Dense(in_features, out_features, axes, use_bias=use_bias, config=config, rngs=rngs, lora_rank=lora_rank)
+
+
+def _norm(config, rngs):
+    if config.norm == "rmsnorm":
+        return RMSNorm(config)
+    # Two-pass variance, as PyTorch computes it (the fast E[x^2] - E[x]^2 form loses precision).
+    return nnx.LayerNorm(config.embed_dim, epsilon=config.norm_eps, use_fast_variance=False,
+                         dtype=jnp.dtype(config.dtype), param_dtype=jnp.dtype(config.param_dtype), rngs=rngs,
+                         scale_init=nnx.with_partitioning(nnx.initializers.ones_init(), ("embed",)),
+                         bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)))
+
+
+def rope_inverse_frequencies(config: DecoderConfig):
+    """Rotary inverse frequencies [rotary_dim / 2] (float32), with linear or Llama 3.1 scaling."""
+    dim = config.rotary_dim
+    inv_freq = 1.0 / (config.rope_theta ** (np.arange(0, dim, 2, dtype=np.float64) / dim))
+    factor = config.rope_scaling_factor
+    if config.rope_scaling == "linear":
+        inv_freq = inv_freq / factor
+    elif config.rope_scaling == "llama3":
+        # Long wavelengths are slowed by `factor`, short ones kept, the band between interpolated.
+        original = config.rope_original_max_position_embeddings
+        low, high = config.rope_low_freq_factor, config.rope_high_freq_factor
+        wavelength = 2 * math.pi / inv_freq
+        smooth = (original / wavelength - low) / (high - low)
+        interpolated = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+        inv_freq = np.where(wavelength > original / low, inv_freq / factor,
+                            np.where(wavelength < original / high, inv_freq, interpolated))
+    return inv_freq.astype(np.float32)
+
+
+def rotary_embedding(x, positions, inv_freq):
+    """Rotates the first 2 * len(inv_freq) dims of x [batch, time, heads, dim] (GPT-NeoX halves layout).
+
+    GPT-J's interleaved layout is the same rotation of permuted dims; `hf.py` permutes its q/k weights.
+    """
+    rotary_dim = 2 * inv_freq.shape[0]
+    x_rot, x_pass = x[..., :rotary_dim], x[..., rotary_dim:]
+    angles = positions[..., None].astype(jnp.float32) * inv_freq  # [batch, time, rotary_dim / 2]
+    sin = jnp.sin(angles)[:, :, None, :]
+    cos = jnp.cos(angles)[:, :, None, :]
+    x1, x2 = jnp.split(x_rot.astype(jnp.float32), 2, axis=-1)
+    rotated = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return jnp.concatenate([rotated.astype(x.dtype), x_pass], axis=-1)
+
+
+def attention_mask(query_segment_ids, key_segment_ids, query_index, key_index, query_positions=None,
+                   key_positions=None, sliding_window=0):
+    """[batch, 1, queries, keys] bool: causal by slot index, equal segment ids, within the sliding window.
+
+    Padding has segment id 0 and attends only to padding, so no row is empty. The window is measured
+    in positions, so it restarts with each packed sequence.
+    """
+    mask = key_index[None, None, :] <= query_index[None, :, None]
+    mask = (mask & (query_segment_ids[:, :, None] == key_segment_ids[:, None, :]))[:, None]
+    if sliding_window:
+        mask = mask & _within_window(query_positions, key_positions, sliding_window)
+    return mask
+
+
+def _within_window(query_positions, key_positions, sliding_window):
+    """[batch, 1, queries, keys]: the key is fewer than `sliding_window` positions behind the query."""
+    return (query_positions[:, :, None] - key_positions[:, None, :] < sliding_window)[:, None]
+
+
+class Attention(nnx.Module):
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        self.config = config
+        head_dim = config.resolved_head_dim
+        self.inv_freq = rope_inverse_frequencies(config) if config.position_embedding == "rope" else None
+
+        def dense(name, i, o, axes, use_bias):
+            return _dense(i, o, axes, use_bias=use_bias, config=config, rngs=rngs, name=name)
+
+        self.query = dense("query", config.embed_dim, config.num_heads * head_dim, ("embed", "heads"),
+                           config.attention_bias)
+        self.key = dense("key", config.embed_dim, config.num_kv_heads * head_dim, ("embed", "kv_heads"),
+                         config.attention_bias)
+        self.value = dense("value", config.embed_dim, config.num_kv_heads * head_dim, ("embed", "kv_heads"),
+                           config.attention_bias)
+        self.out = dense("out", config.num_heads * head_dim, config.embed_dim, ("heads", "embed"),
+                         config.attention_out_bias)
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        """Attention output; with a cache {key, value} [batch, slots, kv_heads, head_dim], also the new cache."""
+        config = self.config
+        batch, length, _ = x.shape
+        head_dim = config.resolved_head_dim
+        q = self.query(x).reshape(batch, length, config.num_heads, head_dim)
+        k = self.key(x).reshape(batch, length, config.num_kv_heads, head_dim)
+        v = self.value(x).reshape(batch, length, config.num_kv_heads, head_dim)
+        if self.inv_freq is not None:
+            q = rotary_embedding(q, positions, self.inv_freq)
+            k = rotary_embedding(k, positions, self.inv_freq)
+        if cache is not None:
+            k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), cache_index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), cache_index,
+                                                    axis=1)
+            cache = {"key": k, "value": v}
+        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        return self.out(out.reshape(batch, length, config.num_heads * head_dim)), cache
+
+
+class MLP(nnx.Module):
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        self.activation = ACTIVATIONS[config.activation]
+
+        def dense(name, i, o, axes):
+            return _dense(i, o, axes, use_bias=config.mlp_bias, config=config, rngs=rngs, name=name)
+
+        self.up = dense("up", config.embed_dim, config.mlp_dim, ("embed", "mlp"))
+        self.gate = dense("gate", config.embed_dim, config.mlp_dim, ("embed", "mlp")) if config.gated_mlp else None
+        self.down = dense("down", config.mlp_dim, config.embed_dim, ("mlp", "embed"))
+
+    def __call__(self, x):
+        if self.gate is not None:
+            hidden = self.activation(self.gate(x)) * self.up(x)
+        else:
+            hidden = self.activation(self.up(x))
+        return self.down(hidden)
+
+
+class Block(nnx.Module):
+
+    def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        self.parallel_residual = config.parallel_residual
+        self.attention_norm = _norm(config, rngs)
+        self.attention = Attention(config, rngs)
+        self.mlp_norm = None if config.shared_block_norm else _norm(config, rngs)
+        self.mlp = MLP(config, rngs)
+
+    def __call__(self, x, positions, mask, cache=None, cache_index=None):
+        normed = self.attention_norm(x)
+        attention_out, cache = self.attention(normed, positions, mask, cache, cache_index)
+        if self.parallel_residual:
+            mlp_in = normed if self.mlp_norm is None else self.mlp_norm(x)
+            return x + attention_out + self.mlp(mlp_in), cache
+        x = x + attention_out
+        return x + self.mlp(self.mlp_norm(x)), cache
+
+
+# ---------------------------------------------------------------------------------------------
+# The decoder
+# ---------------------------------------------------------------------------------------------
+
+def init_cache(config: DecoderConfig, batch_size, num_slots):
+    """An empty KV cache for `num_slots` tokens: slots with segment id 0 are never attended by real tokens."""
+    shape = (batch_size, num_slots, config.num_kv_heads, config.resolved_head_dim)
+    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    return {
+        "index": jnp.zeros((), jnp.int32),  # next slot to write
+        "segment_ids": jnp.zeros((batch_size, num_slots), jnp.int32),
+        "positions": jnp.zeros((batch_size, num_slots), jnp.int32),
+        "layers": [{"key": zeros, "value": zeros} for _ in range(config.num_layers)],
+    }
+
+
+class Decoder(nnx.Module):
+    """`decoder(input_ids, positions=None, segment_ids=None) -> logits [batch, time, vocab]`."""
+
+    def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        param_dtype = jnp.dtype(config.param_dtype)
+        self.token_embedding = nnx.Embed(
+            config.vocab_size, config.embed_dim, dtype=jnp.dtype(config.dtype), param_dtype=param_dtype,
+            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")), rngs=rngs)
+        if config.position_embedding == "learned":
+            self.position_embedding = nnx.Embed(
+                config.max_position_embeddings, config.embed_dim, dtype=jnp.dtype(config.dtype),
+                param_dtype=param_dtype,
+                embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.01), (None, "embed")), rngs=rngs)
+        else:
+            self.position_embedding = None
+        self.blocks = nnx.List([Block(config, rngs) for _ in range(config.num_layers)])
+        self.final_norm = _norm(config, rngs)
+        if config.tie_embeddings:
+            self.lm_head = None
+        else:
+            self.lm_head = Dense(config.embed_dim, config.vocab_size, ("embed", "vocab"),
+                                 use_bias=config.lm_head_bias, config=config, rngs=rngs)
+
+    def __call__(self, input_ids, positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+                 *, mask: Optional[jax.Array] = None):
+        """Logits [batch, time, vocab].
+
+        positions: [batch, time] (default 0..time-1); restart them per packed sequence.
+        segment_ids: [batch, time]; tokens attend causally within their segment, 0 marks padding.
+        mask: [batch, time, time] bool, replacing the causal/segment mask (e.g. prefix-shared layouts:
+            two responses attending to one shared prompt but not to each other).
+        """
+        batch, length = input_ids.shape
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+        if segment_ids is None:
+            segment_ids = jnp.ones((batch, length), dtype=jnp.int32)
+        if mask is None:
+            index = jnp.arange(length)
+            mask = attention_mask(segment_ids, segment_ids, index, index, positions, positions,
+                                  self.config.sliding_window)
+        else:
+            mask = mask[:, None]
+            if self.config.sliding_window:  # the window still applies to an explicit mask
+                mask = mask & _within_window(positions, positions, self.config.sliding_window)
+        logits, _ = self._forward(input_ids, positions, mask)
+        return logits
+
+    def decode(self, input_ids, positions, segment_ids, cache):
+        """Runs `input_ids` [batch, time] into the next `time` slots of `cache`: (logits, updated cache)."""
+        start = cache["index"]
+        length = input_ids.shape[1]
+        key_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
+        key_positions = jax.lax.dynamic_update_slice_in_dim(cache["positions"], positions, start, axis=1)
+        mask = attention_mask(segment_ids, key_segment_ids, start + jnp.arange(length),
+                              jnp.arange(key_segment_ids.shape[1]), positions, key_positions,
+                              self.config.sliding_window)
+        logits, layers = self._forward(input_ids, positions, mask, cache["layers"], start)
+        return logits, {"index": start + length, "segment_ids": key_segment_ids, "positions": key_positions,
+                        "layers": layers}
+
+    def _forward(self, input_ids, positions, mask, layer_caches=None, cache_index=None):
+        config = self.config
+        x = self.token_embedding(input_ids)
+        if config.scale_embeddings:
+            # Gemma multiplies by sqrt(width) rounded to the activation dtype, as its reference code does.
+            x = x * jnp.asarray(math.sqrt(config.embed_dim), x.dtype)
+        if self.position_embedding is not None:
+            x = x + self.position_embedding(positions)
+        new_caches = []
+        for i, block in enumerate(self.blocks):
+            if layer_caches is not None:
+                x, layer_cache = block(x, positions, mask, layer_caches[i], cache_index)
+                new_caches.append(layer_cache)
+            elif config.remat:
+                x, _ = nnx.remat(lambda blk, h: blk(h, positions, mask))(block, x)
+            else:
+                x, _ = block(x, positions, mask)
+        x = self.final_norm(x)
+        logits = self.token_embedding.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits, new_caches

@@ -1,0 +1,247 @@
+"""The training driver: SFT then DPO (or any chain of stages) on a device mesh, read top to bottom.
+
+Sections: workdir / mesh / data / model and shardings / stage loop (state, steps, checkpoints,
+evaluation, logging) / summary. This is the only module that wires the others together.
+"""
+
+import hashlib
+import json
+import os
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.experimental import multihost_utils
+
+from dpo_jax import checkpointing, configuration, data, models, sharding, steps
+from dpo_jax.data import loader
+from dpo_jax.metrics import MetricWriter, progress_bar, read_jsonl, to_python
+
+
+class Halted(Exception):
+    """Raised after `halt_after_steps` steps, once the checkpoint is safely written."""
+
+
+def params_fingerprint(params):
+    """sha256 over the parameters' bytes, leaves in sorted key-path order (identical on every mesh)."""
+    digest = hashlib.sha256()
+    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda item: jax.tree_util.keystr(item[0])):
+        value = multihost_utils.process_allgather(leaf, tiled=True) if not leaf.is_fully_addressable else leaf
+        digest.update(jax.tree_util.keystr(path).encode())
+        digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
+    return digest.hexdigest()
+
+
+def _read_summary(workdir):
+    path = os.path.join(workdir, "summary.json")
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _write_json(path, value):
+    if jax.process_index() == 0:
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            json.dump(value, f, indent=2, sort_keys=True)
+        os.replace(path + ".tmp", path)
+
+
+def _drop_metrics_after(workdir, stage, step):
+    """On resume, forgets records the interrupted run wrote after its last checkpoint."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    if jax.process_index() != 0 or not os.path.exists(path):
+        return
+    records = [r for r in read_jsonl(path) if not (r["stage"] == stage and r["step"] > step)]
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(r) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+
+
+def _eval_record(workdir, stage, step=None):
+    """Eval metrics of a stage at `step` (default: the last) from metrics.jsonl, or None."""
+    path = os.path.join(workdir, "metrics.jsonl")
+    records = [r for r in read_jsonl(path) if r["stage"] == stage and r["split"] == "eval"
+               and step in (None, r["step"])] if os.path.exists(path) else []
+    return {k: v for k, v in records[-1].items() if k not in ("stage", "split", "step")} if records else None
+
+
+def run(config, workdir, *, halt_after_steps=None):
+    """Runs `config.stages` in `workdir`, resuming from its checkpoints; returns the summary dict.
+
+    `halt_after_steps`: stop (raising `Halted`) after this many optimizer steps in this process,
+    once a checkpoint of that step is written, e.g. to split a run over time-limited jobs.
+    """
+    # ----------------------------------------------------------------------------- workdir
+    configuration.validate(config)
+    os.makedirs(workdir, exist_ok=True)
+    mesh = sharding.make_mesh(config.mesh)
+    sharding.check_batch_size(config.train.global_batch_size, mesh, "config.train.global_batch_size")
+    sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
+    if jax.process_index() == 0:
+        configuration.bind_workdir(config, workdir)
+    logging.info("Mesh %s over %d devices (%d processes)", dict(mesh.shape), mesh.size, jax.process_count())
+
+    # ----------------------------------------------------------------------------- data
+    task = data.load_task(config)
+    if task.num_truncated:
+        logging.warning("%d pairs were truncated to data.max_length=%d", task.num_truncated, config.data.max_length)
+
+    # ----------------------------------------------------------------------------- model and shardings
+    graphdef, abstract_model_params, logical_specs = models.abstract_model(config.model)
+    param_shardings = sharding.param_shardings(abstract_model_params, logical_specs, mesh)
+    params = None  # the previous stage's final parameters
+    summary = _read_summary(workdir)
+    writer = MetricWriter(workdir)
+    budget = [halt_after_steps]  # steps this process may still take (None: unbounded)
+    try:
+        for stage in config.stages:
+            params, summary[stage] = _run_stage(stage, config, workdir, mesh, task, graphdef,
+                                                abstract_model_params, param_shardings, params,
+                                                summary.get(stage), writer, budget)
+            _write_json(os.path.join(workdir, "summary.json"), summary)
+    finally:
+        writer.close()
+    return summary
+
+
+def _initial_params(stage, config, previous_params, abstract_params):
+    """A stage starts from its `init_from` checkpoint, else the previous stage, else the model init."""
+    init_from = config[stage].init_from
+    if init_from:
+        return checkpointing.restore_params(init_from, abstract_params)
+    if previous_params is not None:
+        return previous_params
+    shardings = jax.tree.map(lambda p: p.sharding, abstract_params)
+    return models.init_params(config.model, seed=config.seed, shardings=shardings)
+
+
+def _run_stage(stage, config, workdir, mesh, task, graphdef, abstract_model_params, param_shardings,
+               previous_params, done, writer, budget):
+    stage_config = config[stage]
+    optimizer, schedule = steps.make_optimizer(config.train, stage_config)
+    loss_fn, eval_fn = steps.stage_functions(stage, graphdef, config)
+    live_reference = stage == "dpo"
+    train_arrays, eval_arrays = (task.dpo_train, task.dpo_eval) if stage == "dpo" else (task.sft_train, task.sft_eval)
+
+    # ------------------------------------------------------------------------- state and its shardings
+    replicated = sharding.replicated(mesh)
+
+    def fresh_state(params):
+        return steps.init_state(params, optimizer, seed=config.seed, live_reference=live_reference)
+
+    abstract_params = jax.tree.map(lambda sh, p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sh),
+                                   param_shardings, abstract_model_params)
+    abstract_state = jax.eval_shape(fresh_state, abstract_params)
+    state_shardings = steps.TrainState(
+        step=replicated, params=param_shardings,
+        opt_state=sharding.opt_state_shardings(optimizer, abstract_state.opt_state, param_shardings, mesh),
+        rng=replicated, ref_params=param_shardings if live_reference else None)
+
+    checkpoints = checkpointing.StageCheckpoints(
+        os.path.join(workdir, "checkpoints", stage), max_to_keep=config.checkpoint.max_to_keep,
+        save_every_steps=config.checkpoint.every_steps)
+    resumed = checkpoints.latest_step() is not None
+    if resumed:
+        state = checkpoints.restore(checkpointing.with_shardings(abstract_state, state_shardings))
+        logging.info("%s: resumed from step %d of %s", stage, int(state.step), checkpoints.directory)
+        if done is not None and int(state.step) == stage_config.num_steps:
+            checkpoints.close()
+            return state.params, done
+        _drop_metrics_after(workdir, stage, int(state.step))
+    else:
+        start_params = _initial_params(stage, config, previous_params, abstract_params)
+        state = jax.jit(fresh_state, out_shardings=state_shardings)(start_params)
+    start_step = int(state.step)
+
+    # ------------------------------------------------------------------------- compiled steps
+    batch_sharding = sharding.batch_sharding(mesh)
+    train_step = jax.jit(
+        lambda state, batch: steps.train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule),
+        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+        donate_argnums=0)
+    eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, state_shardings.ref_params, batch_sharding),
+                        out_shardings=replicated)
+    train_batches = loader.train_batches(train_arrays, global_batch_size=config.train.global_batch_size,
+                                         seed=config.seed)
+    eval_batches = loader.eval_batches(eval_arrays, global_batch_size=config.eval.batch_size)
+
+    def evaluate(step):
+        totals = None
+        for local_batch in eval_batches:
+            metrics = eval_step(state.params, state.ref_params, sharding.global_batch(local_batch, mesh))
+            totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
+        metrics = to_python(jax.tree.map(lambda total: total / len(eval_batches), totals))
+        writer.write(stage, "eval", step, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------------- loop
+    num_steps = stage_config.num_steps
+    eval_metrics = None if resumed else evaluate(0)  # a resumed run recorded its step-0 eval already
+    bar = progress_bar(stage, start_step, num_steps)
+    started, tokens = time.perf_counter(), 0
+    window_start, window_tokens = started, 0
+    for step in range(start_step, num_steps):
+        if budget[0] == 0:
+            if checkpoints.latest_step() != step:
+                checkpoints.save(step, state, force=True)
+            checkpoints.wait()
+            checkpoints.close()
+            bar.close()
+            raise Halted(f"{stage}: halted at step {step}; rerun the same command to resume")
+        local_batch = train_batches[step]
+        batch_tokens = jax.process_count() * int(sum(
+            np.sum(value) for key, value in local_batch.items() if key.endswith("segment_ids")))
+        state, metrics = train_step(state, sharding.global_batch(local_batch, mesh))
+        tokens += batch_tokens
+        window_tokens += batch_tokens
+        if budget[0] is not None:
+            budget[0] -= 1
+        completed = step + 1
+        bar.update(1)
+        if completed % config.train.log_every_steps == 0 or completed == num_steps:
+            metrics = to_python(metrics)  # fetching waits for the step, so the window times real work
+            now = time.perf_counter()
+            metrics["tokens_per_sec"] = window_tokens / max(now - window_start, 1e-9)
+            window_start, window_tokens = now, 0
+            writer.write(stage, "train", completed, metrics)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
+        if completed % config.eval.every_steps == 0 or completed == num_steps:
+            eval_metrics = evaluate(completed)
+        checkpoints.save(completed, state, force=completed == num_steps)
+    bar.close()
+    checkpoints.wait()
+    checkpoints.close()
+    wall = time.perf_counter() - started
+
+    # ------------------------------------------------------------------------- summary
+    if eval_metrics is None:  # resumed after the final step: its eval is in metrics.jsonl
+        eval_metrics = _eval_record(workdir, stage)
+    return state.params, {
+        "steps": num_steps,
+        "eval_before": _eval_record(workdir, stage, step=0),
+        "eval": eval_metrics,
+        "wall_seconds": wall,  # of the invocation that finished the stage
+        "tokens_per_sec": tokens / wall if tokens else None,
+        "params_fingerprint": params_fingerprint(state.params),
+    }
+
+
+def format_report(summary):
+    """The end-of-run table: per stage, the final eval numbers; for DPO, before and after."""
+    lines = []
+    for stage, result in summary.items():
+        final = result.get("eval") or {}
+        lines.append(f"{stage}: {result['steps']} steps, {result['wall_seconds']:.1f} s, "
+                     f"fingerprint {result['params_fingerprint'][:12]}")
+        if stage == "dpo" and result.get("eval_before"):
+            before = result["eval_before"]
+            lines.append(f"  {'held-out':<22}{'before DPO':>12}{'after DPO':>12}")
+            for key, name in (("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin"),
+                              ("kl", "KL to reference")):
+                lines.append(f"  {name:<22}{before.get(key, float('nan')):>12.4f}{final.get(key, float('nan')):>12.4f}")
+        elif final:
+            lines.append("  " + ", ".join(f"{key}={value:.4f}" for key, value in sorted(final.items())))
+    return "\n".join(lines)

@@ -1,0 +1,43 @@
+"""Installs dpo_jax: Direct Preference Optimization in JAX (Flax NNX, optax, Orbax)."""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    # JAX 0.10.x is the newest line for Python 3.11; newer JAX (3.12+) is admitted.
+    "jax>=0.7.0",
+    "jaxlib>=0.7.0",
+    "flax>=0.11.0",  # the NNX API
+    "optax>=0.2.4",
+    "orbax-checkpoint>=0.11.0",
+    "tensorflow-datasets>=4.9.7",  # used without TensorFlow: array_record data sources
+    "ml-collections>=1.0.0",
+    "absl-py>=2.1.0",
+    "grain>=0.2.10",
+    "tokenizers>=0.20.0",
+    "safetensors>=0.4.5",
+    "tensorboardX>=2.6.2",
+    "tqdm>=4.66.0",
+    "numpy>=1.26",
+]
+
+EXTRAS_REQUIRE = {
+    "tpu": ["jax[tpu]>=0.7.0"],
+    "cuda": ["jax[cuda12]>=0.7.0"],
+    "test": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.88"],
+    # Logit parity against Hugging Face models. The torch pin takes the CPU build; an
+    # unpinned torch pulls a multi-GB CUDA build.
+    "parity": ["transformers>=4.46", "torch==2.13.0"],
+}
+
+setuptools.setup(
+    name="dpo_jax",
+    version="0.1.0",
+    description="Direct Preference Optimization in JAX: pure losses and steps, sharded meshes, Orbax checkpoints.",
+    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["dpo_jax", "dpo_jax.*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require=EXTRAS_REQUIRE,
+    entry_points={"console_scripts": ["dpo-jax=dpo_jax.main:run"]},
+)

@@ -1,0 +1,58 @@
+"""The synthetic task, the padded layout and the grain loader."""
+
+import numpy as np
+import pytest
+
+from dpo_jax import data
+from dpo_jax.data import layouts, loader, synthetic
+
+
+def test_synthetic_pairs_are_deterministic_and_labelled_by_mood_fraction():
+    pairs = synthetic.make_pairs(200, seed=7)
+    assert pairs == synthetic.make_pairs(200, seed=7)
+    assert pairs != synthetic.make_pairs(200, seed=8)
+    half = (64 - synthetic.FIRST_WORD) // 2
+
+    def on_mood_fraction(prompt, response):
+        words = np.array(response[:-1])
+        positive = words < synthetic.FIRST_WORD + half
+        return (positive if prompt[1] == synthetic.POSITIVE else ~positive).mean()
+
+    for pair in pairs:
+        assert pair["chosen"][-1] == synthetic.EOS and pair["rejected"][-1] == synthetic.EOS
+        assert on_mood_fraction(pair["prompt"], pair["chosen"]) > on_mood_fraction(pair["prompt"], pair["rejected"])
+
+
+def test_padded_row_masks_only_the_response_and_keeps_the_prompt_end():
+    prompt, response = [1, 4, 10, 11, 12, 3], [20, 21, 2]
+    row, truncated = layouts.padded_row(prompt, response, max_length=8, max_prompt_length=4, pad_id=2)
+    assert truncated
+    # The prompt keeps its last 4 tokens; the response is cut from the right to fit 8 tokens.
+    np.testing.assert_array_equal(row["input_ids"], [10, 11, 12, 3, 20, 21, 2, 2])
+    np.testing.assert_array_equal(row["loss_mask"], [0, 0, 0, 0, 1, 1, 1, 0])
+    # Masks come from lengths: the real EOS (== pad id here) is scored, the padding is not.
+    np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 1, 1, 1, 1, 0])
+
+
+def test_load_task_shapes(tiny_config):
+    task = data.load_task(tiny_config)
+    length = tiny_config.data.max_length
+    assert task.dpo_train["chosen_input_ids"].shape == (tiny_config.data.num_train, length)
+    assert task.sft_eval["input_ids"].shape == (tiny_config.data.num_eval, length)
+    np.testing.assert_array_equal(task.sft_train["input_ids"], task.dpo_train["chosen_input_ids"])
+
+
+def test_train_batches_are_a_function_of_the_step():
+    arrays = {"x": np.arange(10)}
+    batches = loader.train_batches(arrays, global_batch_size=4, seed=3)
+    again = loader.train_batches(arrays, global_batch_size=4, seed=3)
+    for step in (0, 1, 7, 100):
+        np.testing.assert_array_equal(batches[step]["x"], again[step]["x"])
+    # Every epoch is a permutation of the data.
+    seen = np.concatenate([batches[step]["x"] for step in range(5)])[:10]
+    assert sorted(seen.tolist()) == list(range(10))
+
+
+def test_loader_rejects_a_batch_larger_than_the_data():
+    with pytest.raises(ValueError, match="fewer examples than one global batch"):
+        loader.train_batches({"x": np.arange(3)}, global_batch_size=4, seed=0)
