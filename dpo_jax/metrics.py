@@ -19,9 +19,22 @@ class MetricWriter:
 
     def __init__(self, workdir):
         self.enabled = jax.process_index() == 0
+        self._path = os.path.join(workdir, "metrics.jsonl")
         if self.enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+            self._jsonl = open(self._path, "a", encoding="utf-8")
             self._tensorboard = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+    def drop_after(self, stage, step):
+        """Forgets the records of `stage` after `step`: on resume, what the interrupted run wrote
+        after its last checkpoint is written again by the resumed run."""
+        if not self.enabled:
+            return
+        self._jsonl.close()
+        records = [r for r in read_jsonl(self._path) if not (r["stage"] == stage and r["step"] > step)]
+        with open(self._path + ".tmp", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r) + "\n" for r in records)
+        os.replace(self._path + ".tmp", self._path)
+        self._jsonl = open(self._path, "a", encoding="utf-8")
 
     def write(self, stage, split, step, metrics):
         if not self.enabled:

@@ -49,17 +49,6 @@ def _write_json(path, value):
         os.replace(path + ".tmp", path)
 
 
-def _drop_metrics_after(workdir, stage, step):
-    """On resume, forgets records the interrupted run wrote after its last checkpoint."""
-    path = os.path.join(workdir, "metrics.jsonl")
-    if jax.process_index() != 0 or not os.path.exists(path):
-        return
-    records = [r for r in read_jsonl(path) if not (r["stage"] == stage and r["step"] > step)]
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r) + "\n" for r in records)
-    os.replace(path + ".tmp", path)
-
-
 def _eval_record(workdir, stage, step=None):
     """Eval metrics of a stage at `step` (default: the last) from metrics.jsonl, or None."""
     path = os.path.join(workdir, "metrics.jsonl")
@@ -150,7 +139,7 @@ def _run_stage(stage, config, workdir, mesh, task, graphdef, abstract_model_para
         if done is not None and int(state.step) == stage_config.num_steps:
             checkpoints.close()
             return state.params, done
-        _drop_metrics_after(workdir, stage, int(state.step))
+        writer.drop_after(stage, int(state.step))
     else:
         start_params = _initial_params(stage, config, previous_params, abstract_params)
         state = jax.jit(fresh_state, out_shardings=state_shardings)(start_params)

@@ -2,37 +2,129 @@
 
 `train.py` never touches Flax modules directly: it asks for the abstract model (shapes and logical
 axis names, nothing allocated), derives shardings from it, then asks for parameters placed with
-those shardings.
+those shardings. With `config.model.init_from_hf` the architecture and the weights come from a
+Hugging Face checkpoint directory.
+
+For users: `load_hf(path)` gives a `Decoder` module (`model(input_ids) -> logits`), `save_hf(model, out)`
+writes it back in the same format, `load_tokenizer(path)` reads its tokenizer, and
+`dpo_jax.models.sampling.generate` samples from it.
 """
 
+import dataclasses
+import os
+import shutil
+
 import jax
+import jax.numpy as jnp
 from flax import nnx
 
+from dpo_jax import sharding
+from dpo_jax.models import hf, lora
+from dpo_jax.models.lora import trainable_mask
+from dpo_jax.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_jax.models.transformer import Decoder, DecoderConfig
+
+__all__ = ["Decoder", "DecoderConfig", "Tokenizer", "abstract_model", "apply", "decoder_config", "init_params",
+           "load_hf", "load_tokenizer", "save_hf", "trainable_mask"]
 
 # Parameters are created abstractly and placed by jit out_shardings, not sharded eagerly by Flax.
 nnx.use_eager_sharding(False)
 
 
-def abstract_model(model_config):
-    """(graphdef, abstract params, logical partition specs) of `config.model`, without allocating."""
-    decoder_config = DecoderConfig.from_config(model_config)
-    model = nnx.eval_shape(lambda: Decoder(decoder_config, rngs=nnx.Rngs(0)))
+def decoder_config(model_config):
+    """The DecoderConfig of `config.model`; with `init_from_hf`, its architecture is the checkpoint's."""
+    path = model_config.get("init_from_hf")
+    return DecoderConfig.from_config(model_config, hf.architecture_fields(path) if path else None)
+
+
+def _abstract(config):
+    model = nnx.eval_shape(lambda: Decoder(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(model, nnx.Param)
     return graphdef, nnx.to_pure_dict(state), nnx.to_pure_dict(nnx.get_partition_spec(state))
 
 
+def abstract_model(model_config):
+    """(graphdef, abstract params, logical partition specs) of `config.model`, without allocating."""
+    return _abstract(decoder_config(model_config))
+
+
+def _merge_trees(base, extra):
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge_trees(merged[key], value) if key in merged else value
+    return merged
+
+
+def _init(config, seed, shardings):
+    def create(variables):
+        return nnx.to_pure_dict(nnx.state(Decoder(config, rngs=nnx.Rngs(seed)), variables))
+
+    if not config.init_from_hf:
+        return jax.jit(lambda: create(nnx.Param), out_shardings=shardings)()
+    _, abstract_params, _ = _abstract(config)
+    params = hf.read_params(config, config.init_from_hf, abstract_params, shardings)
+    if config.lora_rank:
+        # Only the adapters are outputs, so XLA drops the base weights' random initialisers.
+        adapters = jax.jit(lambda: create(nnx.LoRAParam), out_shardings=lora.adapters(shardings))()
+        params = _merge_trees(params, adapters)
+    return params
+
+
 def init_params(model_config, *, seed, shardings):
-    """Parameters of `config.model`, randomly initialised from `seed`, placed with `shardings`."""
-    decoder_config = DecoderConfig.from_config(model_config)
-
-    def create():
-        model = Decoder(decoder_config, rngs=nnx.Rngs(seed))
-        return nnx.to_pure_dict(nnx.state(model, nnx.Param))
-
-    return jax.jit(create, out_shardings=shardings)()
+    """Parameters of `config.model` placed with `shardings`: read from `init_from_hf` (each tensor
+    straight to its shards), else randomly initialised from `seed`. LoRA adapters start from `seed`."""
+    return _init(decoder_config(model_config), seed, shardings)
 
 
-def apply(graphdef, params, input_ids, positions=None, segment_ids=None):
-    """Logits [batch, time, vocab] of the model `graphdef` with `params`; a pure function."""
-    return nnx.merge(graphdef, params)(input_ids, positions=positions, segment_ids=segment_ids)
+def apply(graphdef, params, input_ids, positions=None, segment_ids=None, *, mask=None, use_lora=True):
+    """Logits [batch, time, vocab] of the model `graphdef` with `params`; a pure function.
+
+    `use_lora=False` switches LoRA adapters off: the base model, i.e. the reference of LoRA-DPO.
+    """
+    model = nnx.merge(graphdef, params)
+    if not use_lora:
+        model = nnx.view(model, use_lora=False)
+    return model(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+
+
+def load_hf(path, dtype="float32", *, param_dtype=None, lora_config=None, mesh=None):
+    """The Hugging Face model in directory `path` as a `Decoder` (`model(input_ids) -> logits`).
+
+    dtype: compute dtype; param_dtype: storage dtype (default: dtype).
+    lora_config: {"rank", "alpha", "targets"} to add fresh (zero-effect) LoRA adapters.
+    mesh: a `jax.sharding.Mesh` with dpo_jax's axes (data, fsdp, tensor) to shard the weights over
+        as they are read (default: one device).
+    """
+    model_config = dict(init_from_hf=os.path.abspath(path), dtype=dtype, param_dtype=param_dtype or dtype)
+    if lora_config is not None:
+        model_config["lora"] = lora_config
+    config = decoder_config(model_config)
+    graphdef, abstract_params, logical_specs = _abstract(config)
+    if mesh is None:
+        mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
+    params = _init(config, 0, sharding.param_shardings(abstract_params, logical_specs, mesh))
+    return nnx.merge(graphdef, params)
+
+
+def save_hf(model, path, *, dtype=None, max_shard_bytes=5 * 2**30, source=None):
+    """Writes `model` (a Decoder) as a Hugging Face checkpoint directory: config.json, safetensors
+    shards of at most `max_shard_bytes` (with model.safetensors.index.json when there are several),
+    and the tokenizer and generation files of `source` (default: the checkpoint it was loaded from).
+
+    LoRA adapters are merged into the kernels; `dtype` casts the weights (default: as stored).
+    The model's `hf_model_type` picks the format; an architecture it cannot express is refused.
+    """
+    config = model.config
+    params = nnx.to_pure_dict(nnx.state(model, nnx.Param))
+    if config.lora_rank:
+        params = lora.merge_adapters(params, config.lora_alpha / config.lora_rank)
+    dtype = jnp.dtype(dtype or config.param_dtype)
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+    config = dataclasses.replace(config, lora_rank=0, param_dtype=dtype.name)
+    source = source or config.init_from_hf
+    base_config = hf.HFConfig.read(source) if source else None
+    hf.write_checkpoint(config, params, path, max_shard_bytes=max_shard_bytes, base_config=base_config)
+    if source and jax.process_index() == 0:
+        for name in hf.TOKENIZER_FILES:
+            if os.path.isfile(os.path.join(source, name)):
+                shutil.copyfile(os.path.join(source, name), os.path.join(path, name))

@@ -102,13 +102,19 @@ class DecoderConfig:
             raise ValueError(f"model.lora.targets: unknown projections {unknown}; known: {LORA_TARGETS}")
 
     @classmethod
-    def from_config(cls, model_config):
-        """Builds from a `config.model` ConfigDict (its `lora` block flattened), ignoring other keys."""
+    def from_config(cls, model_config, architecture=None):
+        """Builds from a `config.model` ConfigDict or dict (its `lora` block flattened), ignoring other keys.
+
+        `architecture` (fields read from a Hugging Face config.json) replaces config.model's
+        architecture fields; only the runtime fields (dtypes, remat, LoRA, init_from_hf) stay.
+        """
         fields = {f.name for f in dataclasses.fields(cls)}
         values = {k: v for k, v in model_config.items() if k in fields}
         lora = model_config.get("lora")
         if lora is not None:
             values.update(lora_rank=lora["rank"], lora_alpha=lora["alpha"], lora_targets=tuple(lora["targets"]))
+        if architecture is not None:
+            values = {k: v for k, v in values.items() if k in RUNTIME_FIELDS} | dict(architecture)
         return cls(**values)
 
     @property
@@ -258,7 +264,6 @@ class Attention(nnx.Module):
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         self.config = config
         head_dim = config.resolved_head_dim
-        self.inv_freq = rope_inverse_frequencies(config) if config.position_embedding == "rope" else None
 
         def dense(name, i, o, axes, use_bias):
             return _dense(i, o, axes, use_bias=use_bias, config=config, rngs=rngs, name=name)
@@ -280,9 +285,10 @@ class Attention(nnx.Module):
         q = self.query(x).reshape(batch, length, config.num_heads, head_dim)
         k = self.key(x).reshape(batch, length, config.num_kv_heads, head_dim)
         v = self.value(x).reshape(batch, length, config.num_kv_heads, head_dim)
-        if self.inv_freq is not None:
-            q = rotary_embedding(q, positions, self.inv_freq)
-            k = rotary_embedding(k, positions, self.inv_freq)
+        if config.position_embedding == "rope":
+            inv_freq = rope_inverse_frequencies(config)  # a constant of the trace
+            q = rotary_embedding(q, positions, inv_freq)
+            k = rotary_embedding(k, positions, inv_freq)
         if cache is not None:
             k = jax.lax.dynamic_update_slice_in_dim(cache["key"], k.astype(cache["key"].dtype), cache_index, axis=1)
             v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), cache_index,

@@ -1,0 +1,128 @@
+"""The tokenizer of a Hugging Face checkpoint: tokenizer.json (via `tokenizers`) with its special tokens
+and chat template.
+
+Special tokens come from tokenizer_config.json (or special_tokens_map.json); end-of-sequence ids also
+from generation_config.json, where instruction-tuned models list every token that ends a turn
+(Llama 3: <|end_of_text|> and <|eot_id|>). The chat template is rendered with jinja2 the way
+transformers renders it, so prompts match what the model saw in training.
+"""
+
+import dataclasses
+import datetime
+import json
+import os
+from typing import Optional
+
+import tokenizers
+
+
+@dataclasses.dataclass(frozen=True)
+class Tokenizer:
+    """`tokenizers.Tokenizer` plus the checkpoint's special tokens and chat template."""
+    tokenizer: tokenizers.Tokenizer
+    path: str
+    bos_token: Optional[str] = None
+    eos_token: Optional[str] = None
+    pad_token: Optional[str] = None
+    unk_token: Optional[str] = None
+    eos_ids: tuple = ()  # every id that ends a generation
+    chat_template: Optional[str] = None
+
+    def token_id(self, token):
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def bos_id(self):
+        return self.token_id(self.bos_token)
+
+    @property
+    def pad_id(self):
+        """The pad token's id; None when the checkpoint defines none (GPT-2, Llama): pad with any id and mask."""
+        return self.token_id(self.pad_token)
+
+    def encode(self, text, add_special_tokens=True):
+        """Token ids; `add_special_tokens` applies the checkpoint's post-processor (e.g. a leading BOS)."""
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids, skip_special_tokens=True):
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, *, add_generation_prompt=False, **variables):
+        """The prompt text of `messages` ([{"role", "content"}, ...]) under the checkpoint's chat template."""
+        if not self.chat_template:
+            raise ValueError(f"The tokenizer in {self.path} has no chat template (not a chat model?)")
+        try:
+            import jinja2  # pylint: disable=import-outside-toplevel
+            import jinja2.ext  # pylint: disable=import-outside-toplevel
+            from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+        except ImportError as error:
+            raise ImportError("Rendering chat templates needs jinja2: pip install jinja2") from error
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        def tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+            # Jinja's own tojson escapes HTML characters, which transformers' templates do not expect.
+            return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                              sort_keys=sort_keys)
+
+        # The environment transformers renders chat templates in.
+        environment = sandbox.ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                                            extensions=[jinja2.ext.loopcontrols])
+        environment.filters["tojson"] = tojson
+        environment.globals["raise_exception"] = raise_exception
+        environment.globals["strftime_now"] = lambda format: datetime.datetime.now().strftime(format)
+        special = dict(bos_token=self.bos_token, eos_token=self.eos_token, pad_token=self.pad_token,
+                       unk_token=self.unk_token)
+        return environment.from_string(self.chat_template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt, **special, **variables)
+
+
+def _read_json(path, name):
+    file = os.path.join(path, name)
+    if not os.path.isfile(file):
+        return {}
+    with open(file, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _token(value):
+    """A special token as saved by transformers: a string or an AddedToken dict."""
+    return value.get("content") if isinstance(value, dict) else value
+
+
+def _chat_template(path, tokenizer_config):
+    """From chat_template.jinja (transformers >= 4.47), chat_template.json, or tokenizer_config.json."""
+    jinja_file = os.path.join(path, "chat_template.jinja")
+    if os.path.isfile(jinja_file):
+        with open(jinja_file, encoding="utf-8") as f:
+            return f.read()
+    template = _read_json(path, "chat_template.json").get("chat_template") or tokenizer_config.get("chat_template")
+    if isinstance(template, list):  # named templates: [{"name": "default", "template": ...}, ...]
+        template = {entry["name"]: entry["template"] for entry in template}.get("default")
+    return template
+
+
+def load_tokenizer(path):
+    """The tokenizer of the Hugging Face model directory `path`."""
+    file = os.path.join(path, "tokenizer.json")
+    if not os.path.isfile(file):
+        hint = (" (it has only a slow-tokenizer file; convert it once with transformers: "
+                "AutoTokenizer.from_pretrained(path).save_pretrained(path))"
+                if any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.model", "vocab.json"))
+                else "")
+        raise FileNotFoundError(f"{path} has no tokenizer.json{hint}")
+    tokenizer = tokenizers.Tokenizer.from_file(file)
+    tokenizer_config = _read_json(path, "tokenizer_config.json")
+    special_map = _read_json(path, "special_tokens_map.json")
+    special = {name: _token(tokenizer_config.get(name) or special_map.get(name))
+               for name in ("bos_token", "eos_token", "pad_token", "unk_token")}
+    eos_ids = []
+    if special["eos_token"] is not None and tokenizer.token_to_id(special["eos_token"]) is not None:
+        eos_ids.append(tokenizer.token_to_id(special["eos_token"]))
+    generation_eos = _read_json(path, "generation_config.json").get("eos_token_id")
+    for token_id in generation_eos if isinstance(generation_eos, list) else [generation_eos]:
+        if token_id is not None and token_id not in eos_ids:
+            eos_ids.append(token_id)
+    return Tokenizer(tokenizer=tokenizer, path=path, eos_ids=tuple(eos_ids),
+                     chat_template=_chat_template(path, tokenizer_config), **special)

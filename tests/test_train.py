@@ -1,0 +1,123 @@
+"""End to end through `python -m dpo_jax.main`: the workdir contract, resume, meshes, bad input."""
+
+import json
+import os
+
+import pytest
+
+from conftest import run_python
+from dpo_jax.metrics import read_jsonl
+
+RUNLOCAL = ["-m", "dpo_jax.main", "--config=configs/quickstart.py:runlocal"]
+EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+
+
+def _records(workdir, drop=("tokens_per_sec",)):
+    return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def _summary(workdir):
+    with open(os.path.join(workdir, "summary.json")) as f:
+        return json.load(f)
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    """One uninterrupted run of the tiny config."""
+    workdir = str(tmp_path_factory.mktemp("uninterrupted"))
+    result = run_python(RUNLOCAL + [f"--workdir={workdir}"])
+    return workdir, result
+
+
+def test_workdir_contract(finished_run):
+    workdir, result = finished_run
+    assert {"config.json", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints"} <= set(os.listdir(workdir))
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["dpo", "sft"]
+    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["dpo"]["beta"] == 0.1
+
+    records = _records(workdir, drop=())
+    for record in records:
+        assert record["stage"] in ("sft", "dpo") and record["split"] in ("train", "eval")
+        assert isinstance(record["step"], int)
+    dpo_train = [r for r in records if r["stage"] == "dpo" and r["split"] == "train"]
+    for key in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
+                "logps/chosen", "logps/rejected", "grad_norm", "learning_rate", "tokens_per_sec"):
+        assert key in dpo_train[-1], key
+    dpo_eval_steps = [r["step"] for r in records if r["stage"] == "dpo" and r["split"] == "eval"]
+    assert dpo_eval_steps[0] == 0 and dpo_eval_steps[-1] == 6  # before any update, and at the end
+    assert "kl" in records[-1]
+    sft_train = [r for r in records if r["stage"] == "sft" and r["split"] == "train"]
+    assert {"loss", "nll", "tokens_per_sec"} <= set(sft_train[-1])
+
+    summary = _summary(workdir)
+    for stage in ("sft", "dpo"):
+        assert summary[stage]["steps"] == 6
+        assert len(summary[stage]["params_fingerprint"]) == 64
+        assert summary[stage]["wall_seconds"] > 0 and summary[stage]["tokens_per_sec"] > 0
+    assert summary["dpo"]["eval_before"]["rewards/accuracies"] == 0.5
+    assert summary["dpo"]["eval"] == {k: v for k, v in records[-1].items() if k not in ("stage", "split", "step")}
+    assert "preference accuracy" in result.stdout and "KL to reference" in result.stdout
+
+
+def test_rerunning_a_finished_run_changes_nothing(finished_run, tmp_path):
+    workdir, _ = finished_run
+    before = (_summary(workdir), _records(workdir, drop=()))
+    run_python(RUNLOCAL + [f"--workdir={workdir}"])
+    assert (_summary(workdir), _records(workdir, drop=())) == before
+
+
+@pytest.mark.parametrize("halt_after_steps", [4, 8])  # inside SFT; inside DPO
+def test_halted_run_resumes_to_the_same_parameters_and_metrics(finished_run, tmp_path, halt_after_steps):
+    reference_workdir, _ = finished_run
+    workdir = str(tmp_path / "halted")
+    halted = run_python(RUNLOCAL + [f"--workdir={workdir}", f"--halt_after_steps={halt_after_steps}"], check=False)
+    assert halted.returncode == 3, halted.stderr[-2000:]
+    assert not os.path.exists(os.path.join(workdir, "summary.json")) or "dpo" not in _summary(workdir)
+    run_python(RUNLOCAL + [f"--workdir={workdir}"])
+    for stage in ("sft", "dpo"):
+        assert _summary(workdir)[stage]["params_fingerprint"] == _summary(reference_workdir)[stage]["params_fingerprint"]
+    assert _records(workdir) == _records(reference_workdir)
+
+
+def test_same_losses_on_one_device_and_on_an_eight_device_mesh(finished_run, tmp_path):
+    reference_workdir, _ = finished_run
+    for mesh in (["--config.mesh.data=-1"], ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]):
+        workdir = str(tmp_path / "_".join(mesh).replace("-", "").replace(".", "_").replace("=", ""))
+        run_python(RUNLOCAL + [f"--workdir={workdir}"] + mesh, env=EIGHT_DEVICES)
+        sharded, single = _records(workdir), _records(reference_workdir)
+        assert [(r["stage"], r["split"], r["step"]) for r in sharded] == [(r["stage"], r["split"], r["step"]) for r in single]
+        for a, b in zip(sharded, single):
+            # rewards/accuracies is a step function of reward differences that are ~1e-5 this early
+            # in DPO, so a rounding difference between meshes can flip a pair; every continuous
+            # metric must agree.
+            for key in a:
+                if key not in ("stage", "split", "step", "rewards/accuracies"):
+                    assert a[key] == pytest.approx(b[key], rel=1e-5, abs=1e-5), (mesh, a["stage"], a["step"], key)
+
+
+@pytest.mark.parametrize("flags,env,message", [
+    (["--config.dpo.beta=0"], {}, "config.dpo.beta: must be > 0"),
+    (["--config.dpo.loss_type=nope"], {}, "config.dpo.loss_type: 'nope' is not one of"),
+    (["--config.train.global_batch_size=6"], EIGHT_DEVICES, "config.train.global_batch_size=6 is not divisible"),
+    (["--config.mesh.data=3"], EIGHT_DEVICES, "config.mesh"),
+    (["--config.dpo.betta=0.2"], {}, "betta"),
+])
+def test_bad_config_is_refused_before_anything_runs(tmp_path, flags, env, message):
+    workdir = tmp_path / "run"
+    result = run_python(RUNLOCAL + [f"--workdir={workdir}"] + flags, env=env, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr
+    assert not (workdir / "checkpoints").exists()
+
+
+def test_a_workdir_refuses_a_different_runs_config(finished_run):
+    workdir, _ = finished_run
+    before = _summary(workdir)
+    result = run_python(RUNLOCAL + [f"--workdir={workdir}", "--config.dpo.beta=0.3"], check=False)
+    assert result.returncode != 0
+    assert "dpo.beta: 0.1 -> 0.3" in result.stderr
+    assert _summary(workdir) == before
+    with open(os.path.join(workdir, "config.json")) as f:
+        assert json.load(f)["dpo"]["beta"] == 0.1
