@@ -135,18 +135,20 @@ F_DIVERGENCE_TYPES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_diverg
 
 
 def _f_divergence_scores(logratios: Array, f_divergence_type: str, f_alpha: float) -> Array:
-    """f'(pi / pi_ref) up to a constant: f-DPO's per-response score (Wang et al. 2023, arXiv:2309.16240).
+    """f'(u) - f'(1) at u = pi / pi_ref: f-DPO's per-response score (Wang et al. 2023, arXiv:2309.16240).
 
-    reverse KL f'(u) = log u + 1 (DPO); forward KL 1 - 1/u; Jensen-Shannon log(2u / (1 + u));
-    alpha-divergence (1 - u^-alpha) / alpha, which goes from reverse KL (alpha -> 0) to forward KL (alpha = 1).
+    reverse KL log u (DPO); forward KL 1 - 1/u; Jensen-Shannon log(2u / (1 + u)); alpha-divergence
+    (1 - u^-alpha) / alpha, between reverse KL (alpha -> 0) and forward KL (alpha = 1). Shifted so that
+    a response as likely as under the reference scores 0 under every divergence, which matters to
+    the variants that score chosen and rejected separately (nca_pair, bco_pair, sppo_hard, apo_*).
     """
     if f_divergence_type == "reverse_kl":
         return logratios
     if f_divergence_type == "forward_kl":
-        return -_capped_exp(-logratios)
+        return 1.0 - _capped_exp(-logratios)
     if f_divergence_type == "js_divergence":
-        return jax.nn.log_sigmoid(logratios)
-    return -_capped_exp(-f_alpha * logratios) / f_alpha
+        return math.log(2.0) + jax.nn.log_sigmoid(logratios)
+    return (1.0 - _capped_exp(-f_alpha * logratios)) / f_alpha
 
 
 @dataclasses.dataclass(frozen=True)

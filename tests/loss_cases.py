@@ -1,0 +1,72 @@
+"""The preference-loss configurations every loss test runs, and the inputs they share.
+
+A case is the keyword arguments of `dpo_jax.losses.preference_loss` besides the arrays and beta:
+every loss type at least once, cDPO, both IPO forms, each f-divergence, WPO weighting and an MPO mixture.
+"""
+
+import numpy as np
+
+CASES = [
+    dict(loss_type="sigmoid"),
+    dict(loss_type="sigmoid", label_smoothing=0.1),  # cDPO
+    dict(loss_type="robust", label_smoothing=0.1),
+    dict(loss_type="hinge"),
+    dict(loss_type="ipo"),
+    dict(loss_type="ipo", ipo_length_normalize=False),
+    dict(loss_type="exo_pair"),
+    dict(loss_type="exo_pair", label_smoothing=0.2),
+    dict(loss_type="nca_pair"),
+    dict(loss_type="bco_pair"),
+    dict(loss_type="sppo_hard"),
+    dict(loss_type="aot", label_smoothing=0.1),
+    dict(loss_type="aot_unpaired"),
+    dict(loss_type="apo_zero"),
+    dict(loss_type="apo_down"),
+    dict(loss_type="discopop"),
+    dict(loss_type="discopop", discopop_tau=2.0),
+    dict(loss_type="sigmoid_norm"),
+    dict(loss_type="simpo", simpo_gamma=0.7, label_smoothing=0.05),
+    dict(loss_type="orpo"),
+    dict(loss_type="rpo", rpo_alpha=0.5),
+    dict(loss_type="sigmoid_ref_free"),
+    dict(loss_type="sft"),
+    dict(loss_type="sigmoid", f_divergence_type="forward_kl"),
+    dict(loss_type="sigmoid", f_divergence_type="js_divergence"),
+    dict(loss_type="sigmoid", f_divergence_type="alpha_divergence", f_alpha=0.3),
+    dict(loss_type="ipo", f_divergence_type="js_divergence"),
+    dict(loss_type="bco_pair", f_divergence_type="forward_kl"),
+    dict(loss_type="sigmoid", use_weighting=True),  # WPO
+    dict(loss_type=("sigmoid", "bco_pair", "sft"), loss_weights=(0.8, 0.2, 1.0)),  # MPO
+]
+
+REFERENCE_FREE = ("simpo", "orpo", "sigmoid_ref_free", "sft")
+# Variants that couple the examples of a batch (they sort over it).
+BATCH_COUPLED = ("aot", "aot_unpaired")
+
+
+def case_id(case):
+    return "-".join(f"{value}" if key == "loss_type" else f"{key}={value}" for key, value in case.items())
+
+
+def loss_types_of(case):
+    loss_type = case["loss_type"]
+    return (loss_type,) if isinstance(loss_type, str) else loss_type
+
+
+def random_inputs(seed, batch=6, scale=3.0):
+    """float32 [batch] arrays: policy and reference log-probs of chosen and rejected, and lengths.
+
+    Reference log-probs are the policy's plus noise of `scale` nats, so the log-ratios are moderate
+    and of both signs.
+    """
+    rng = np.random.default_rng(seed)
+    policy_chosen = -rng.uniform(5.0, 60.0, batch)
+    policy_rejected = -rng.uniform(5.0, 60.0, batch)
+    return dict(
+        policy_chosen_logps=policy_chosen.astype(np.float32),
+        policy_rejected_logps=policy_rejected.astype(np.float32),
+        reference_chosen_logps=(policy_chosen + scale * rng.normal(size=batch)).astype(np.float32),
+        reference_rejected_logps=(policy_rejected + scale * rng.normal(size=batch)).astype(np.float32),
+        chosen_lengths=rng.integers(1, 40, batch).astype(np.float32),
+        rejected_lengths=rng.integers(1, 40, batch).astype(np.float32),
+    )
