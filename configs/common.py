@@ -45,6 +45,21 @@ MODEL_PRESETS = {
                      head_dim=256, mlp_dim=16384, max_position_embeddings=8192, activation="gelu", norm_eps=1e-6,
                      norm_scale_offset=1.0, scale_embeddings=True, tie_embeddings=True, hf_model_type="gemma"),
 }
+# `tiny` with each family's features, so every code path (and every export format) runs on CPU in seconds.
+_TINY_FAMILY_FEATURES = {
+    "gpt_neox": dict(position_embedding="rope", rotary_fraction=0.25, parallel_residual=True, tie_embeddings=False,
+                     activation="gelu_exact"),
+    "gptj": dict(position_embedding="rope", rotary_fraction=0.5, parallel_residual=True, shared_block_norm=True,
+                 tie_embeddings=False, attention_bias=False, attention_out_bias=False, lm_head_bias=True),
+    "llama": dict(_LLAMA_LIKE, num_kv_heads=2, rope_scaling="llama3", rope_scaling_factor=8.0,
+                  rope_original_max_position_embeddings=32),
+    "mistral": dict(_LLAMA_LIKE, num_kv_heads=2, sliding_window=8),
+    "qwen2": dict(_LLAMA_LIKE, num_kv_heads=2, attention_bias=True),
+    "gemma": dict(_LLAMA_LIKE, num_kv_heads=1, head_dim=32, activation="gelu", norm_scale_offset=1.0,
+                  scale_embeddings=True, tie_embeddings=True),
+}
+MODEL_PRESETS.update({f"tiny-{family}": dict(MODEL_PRESETS["tiny"], hf_model_type=family, **features)
+                      for family, features in _TINY_FAMILY_FEATURES.items()})
 
 
 def parse_arg(arg, **defaults):
@@ -126,9 +141,29 @@ def base_config():
     config.model = model_config()
 
     config.data = ml_collections.ConfigDict(dict(
-        name="synthetic",                     # synthetic (built in)
+        name="synthetic",                     # synthetic | hh_rlhf/<helpful-base|harmless-base|helpful-online|
+                                              #   helpful-rejection-sampled> | stanford_shp | ultrafeedback_binarized |
+                                              #   tldr_comparisons | imdb_prefixes | preference_files; "a,b": a mixture
+        weights=(),                           # mixture weights, one per name (empty: equal)
+        data_dir="",                          # where TFDS prepares datasets ("": TFDS's default ~/tensorflow_datasets)
+        manual_dir="",                        # raw files already on disk, laid out as their source repo ("": download)
+        train_files="",                       # preference_files: comma-separated preference files (train split)
+        eval_files="",                        # preference_files: preference files of the "test" split
+        sft_train_files="",                   # preference_files: SFT files ({prompt, completion} or {messages})
+        sft_eval_files="",                    # preference_files: held-out SFT files
+        train_split="train",                  # split DPO trains on
+        eval_split="test",                    # split DPO evaluates on (tldr_comparisons, stanford_shp: validation)
+        sft_split="",                         # split SFT trains on ("": the chosen responses of train_split)
+        sft_eval_split="",                    # split SFT evaluates on ("": the chosen responses of eval_split)
+        tokenizer="",                         # Hugging Face model dir (or its tokenizer.json); "": model.init_from_hf
+        chat_template=False,                  # render examples that have chat messages with the tokenizer's template
+        check_boundaries=True,                # assert ids(prompt) + ids(response) == ids(prompt + response)
+        on_bad_example="error",               # error | skip: a bad record raises (naming file and line) or is counted
+        layout="padded",                      # padded | packed | prefix_shared | packed_prefix_shared
+        row_length=0,                         # packed layouts: tokens per row (0: 2 * max_length, fits any pair)
+        max_pairs_per_row=8,                  # packed layouts: pairs per row at most (SFT: twice as many sequences)
         max_length=24,                        # tokens per sequence (prompt + response)
-        max_prompt_length=12,                 # prompt tokens kept (truncated from the left)
+        max_prompt_length=12,                 # prompt tokens kept (truncated from the left, keeping a BOS)
         num_train=4096,                       # synthetic: training pairs
         num_eval=256,                         # synthetic: held-out pairs
     ))
@@ -140,6 +175,7 @@ def base_config():
         b2=0.999,                             # adamw beta2
         weight_decay=0.0,                     # adamw decoupled weight decay
         grad_clip_norm=1.0,                   # global-norm gradient clipping (0 = off)
+        grad_accum_steps=1,                   # micro-batches per step (gradient accumulation; same update)
         log_every_steps=10,                   # train metrics to metrics.jsonl / TensorBoard
     ))
 
@@ -160,7 +196,14 @@ def base_config():
         beta=0.1,                             # how far the policy may move from the reference (--dpo-beta)
         loss_type="sigmoid",                  # preference loss (dpo_jax.losses.LOSS_TYPES)
         label_smoothing=0.0,                  # cDPO: assumed probability that a label is flipped
-        reference="live",                     # live: frozen copy of the starting params
+        reference="live",                     # live: frozen copy of the starting params, run in the step |
+                                              #   precomputed: reference log-probs computed once, no reference
+                                              #   model in training
+        reference_cache_dir="",               # precomputed: where reference log-probs are cached and reused
+                                              #   ("" = <workdir>/reference_logps)
+        reference_dtype="",                   # live: store the reference in this dtype ("" = as params; bfloat16)
+        reference_update_every=0,             # TR-DPO: move the reference toward the policy every N steps (0 = off)
+        reference_update_alpha=0.5,           # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference
     ))
     # Options of particular loss types (dpo_jax.losses); None = unset, not passed to the loss.
     config.dpo.loss_options = ml_collections.ConfigDict()
@@ -176,6 +219,7 @@ def base_config():
     ))
 
     config.mesh = ml_collections.ConfigDict(dict(
+        dcn=1,                                # data-parallel axis across TPU slices (multi-slice runs)
         data=-1,                              # data-parallel axis size (-1: all remaining devices)
         fsdp=1,                               # parameter-sharding axis size
         tensor=1,                             # tensor-parallel axis size

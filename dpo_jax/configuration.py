@@ -14,7 +14,8 @@ from dpo_jax import losses
 
 STAGES = ("sft", "dpo")
 RESUMABLE_CHANGES = ("sft.num_steps", "dpo.num_steps", "eval.every_steps", "checkpoint.every_steps",
-                     "checkpoint.max_to_keep", "train.log_every_steps", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                     "checkpoint.max_to_keep", "train.log_every_steps", "mesh.dcn", "mesh.data", "mesh.fsdp",
+                     "mesh.tensor")
 # Sub-trees whose keys are free-form (checked by the code that reads them).
 OPEN_KEYS = ("dpo.loss_options",)
 
@@ -73,24 +74,29 @@ def validate(config):
     _check(0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {dpo.label_smoothing}")
     _check(dpo.loss_type in losses.LOSS_TYPES, "dpo.loss_type",
            f"{dpo.loss_type!r} is not one of {losses.LOSS_TYPES}")
-    _check(dpo.reference == "live", "dpo.reference", f"must be 'live', got {dpo.reference!r}")
+    _check(dpo.reference in ("live", "precomputed"), "dpo.reference",
+           f"must be live or precomputed, got {dpo.reference!r}")
+    _check(dpo.reference_dtype in ("", "float32", "bfloat16", "float16"), "dpo.reference_dtype",
+           f"must be '', float32, bfloat16 or float16, got {dpo.reference_dtype!r}")
+    _check(dpo.reference_update_every >= 0, "dpo.reference_update_every", "must be >= 0")
+    _check(not dpo.reference_update_every or dpo.reference == "live", "dpo.reference_update_every",
+           "TR-DPO updates a live reference: needs dpo.reference='live'")
+    _check(0 < dpo.reference_update_alpha <= 1, "dpo.reference_update_alpha", "must be in (0, 1]")
 
     train = config.train
     _check(train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     _check(train.optimizer in ("adamw", "rmsprop"), "train.optimizer",
            f"must be adamw or rmsprop, got {train.optimizer!r}")
     _check(train.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0")
+    _check(train.grad_accum_steps > 0 and train.global_batch_size % train.grad_accum_steps == 0,
+           "train.grad_accum_steps", f"must be > 0 and divide train.global_batch_size={train.global_batch_size}")
     _check(train.log_every_steps > 0, "train.log_every_steps", "must be > 0")
     _check(config.eval.every_steps > 0, "eval.every_steps", "must be > 0")
     _check(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
     _check(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0")
 
-    data = config.data
-    _check(data.name == "synthetic", "data.name", f"{data.name!r} is not a known dataset; known: ('synthetic',)")
-    _check(0 < data.max_prompt_length < data.max_length, "data.max_prompt_length",
-           f"must be in (0, data.max_length={data.max_length}), got {data.max_prompt_length}")
-    _check(data.num_train > 0 and data.num_eval > 0, "data.num_train", "num_train and num_eval must be > 0")
+    _validate_data(config)
 
     model = config.model
     _check(model.embed_dim % model.num_heads == 0 or model.head_dim, "model.num_heads",
@@ -100,8 +106,49 @@ def validate(config):
     _check(model.position_embedding in ("learned", "rope"), "model.position_embedding",
            f"must be learned or rope, got {model.position_embedding!r}")
     _check(model.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {model.norm!r}")
-    _check(data.max_length <= model.max_position_embeddings, "data.max_length",
+    _check(config.data.max_length <= model.max_position_embeddings, "data.max_length",
            f"exceeds model.max_position_embeddings={model.max_position_embeddings}")
+
+
+def _validate_data(config):
+    # Imported here: the data package imports TFDS, which the other checks do not need.
+    from dpo_jax.data import DATASETS, builders, layouts, records  # pylint: disable=import-outside-toplevel
+
+    data = config.data
+    names = [name.strip() for name in data.name.split(",")]
+    for name in names:
+        base, _, variant = name.partition("/")
+        _check(base in DATASETS, "data.name", f"{name!r} is not a known dataset; known: {DATASETS}")
+        if base == "hh_rlhf":
+            known = tuple(c.name for c in builders.HhRlhf.BUILDER_CONFIGS)
+            _check(variant in known, "data.name", f"{name!r}: hh_rlhf needs a config, one of {known}")
+    _check(len(set(names)) == len(names), "data.name", f"names a dataset twice: {data.name!r}")
+    _check(not data.weights or (len(data.weights) == len(names) and all(w > 0 for w in data.weights)),
+           "data.weights", f"must be empty or one positive weight per dataset of data.name, got {data.weights}")
+    _check(0 < data.max_prompt_length < data.max_length, "data.max_prompt_length",
+           f"must be in (0, data.max_length={data.max_length}), got {data.max_prompt_length}")
+    _check(data.num_train > 0 and data.num_eval > 0, "data.num_train", "num_train and num_eval must be > 0")
+    _check(data.layout in layouts.LAYOUTS, "data.layout", f"{data.layout!r} is not one of {layouts.LAYOUTS}")
+    _check(data.row_length == 0 or data.row_length >= 2 * data.max_length, "data.row_length",
+           f"must be 0 or >= 2 * data.max_length = {2 * data.max_length} (so that any pair fits a row), "
+           f"got {data.row_length}")
+    _check(data.max_pairs_per_row > 0, "data.max_pairs_per_row", f"must be > 0, got {data.max_pairs_per_row}")
+    _check(data.on_bad_example in records.ON_BAD_EXAMPLE, "data.on_bad_example",
+           f"must be one of {records.ON_BAD_EXAMPLE}, got {data.on_bad_example!r}")
+    real = [name for name in names if name != "synthetic"]
+    if real:
+        tokenizer = data.tokenizer or config.model.init_from_hf
+        _check(tokenizer and os.path.exists(tokenizer), "data.tokenizer",
+               f"datasets {real} need a tokenizer: a model dir or tokenizer.json (or model.init_from_hf), "
+               f"got {tokenizer!r}")
+    _check(not data.manual_dir or os.path.isdir(data.manual_dir), "data.manual_dir",
+           f"{data.manual_dir!r} is not a directory")
+    if "preference_files" in names:
+        _check(data.train_files or data.sft_train_files, "data.train_files",
+               "preference_files needs data.train_files (or data.sft_train_files for SFT only)")
+        for key in ("train_files", "eval_files", "sft_train_files", "sft_eval_files"):
+            for path in filter(None, (p.strip() for p in data[key].split(","))):
+                _check(os.path.isfile(path), f"data.{key}", f"{path!r} is not a file")
 
 
 def bind_workdir(config, workdir):

@@ -72,7 +72,7 @@ def chunked_sequence_logps(inputs: Array, labels: Array, loss_mask: Array, *, av
     `logits_fn=lambda h: h @ embedding.T`, so that not even the full logits exist. Only one
     [batch, chunk_size, vocab] float32 log-softmax is live at a time, in the forward pass and (each
     chunk is rematerialised with `jax.checkpoint`) in the backward pass, which is what lets a
-    128k-vocabulary model fit.
+    128k-vocabulary model fit. `inputs` are laid out by chunk once, a copy in their own dtype.
     """
     batch, time = labels.shape
     chunk_size = min(chunk_size, time)
@@ -534,7 +534,7 @@ def preference_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     options of the chosen loss types (static Python values): `ipo_length_normalize`, `simpo_gamma`,
     `rpo_alpha`, `discopop_tau`, and for every loss type `loss_weights` and `use_weighting` (WPO),
     and for those scoring log-ratios `f_divergence_type` (f-DPO; reverse_kl, the default, is DPO)
-    and `f_alpha` (alpha_divergence). An unknown option raises ValueError naming it.
+    and `f_alpha` (alpha_divergence, default 0.5). An unknown option raises ValueError naming it.
 
     Metrics use the TRL names: `rewards/chosen` and `rewards/rejected` are the implicit rewards
     beta * (log pi - log pi_ref) averaged over the batch; without references, beta * log pi of the

@@ -23,16 +23,32 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "Directory for checkpoints, metr
 _HALT_AFTER_STEPS = flags.DEFINE_integer(
     "halt_after_steps", None, "Stop after this many optimizer steps of this invocation, with a checkpoint "
     "written (exit code 3); the same command resumes. For time-limited jobs.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", os.environ.get("JAX_COORDINATOR_ADDRESS"),
+    "host:port of process 0, to run as one of several processes (default: $JAX_COORDINATOR_ADDRESS).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", int(os.environ.get("JAX_NUM_PROCESSES", "0")) or None,
+                                      "Processes in the run, with --coordinator_address ($JAX_NUM_PROCESSES).")
+_PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS_ID", "-1")) if
+                                   "JAX_PROCESS_ID" in os.environ else None,
+                                   "This process's index, with --coordinator_address ($JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
 HALTED_EXIT_CODE = 3
 
 
+def _cluster_environment():
+    """True on a multi-process cluster that jax.distributed detects by itself (SLURM, TPU pod, Open MPI)."""
+    return (int(os.environ.get("SLURM_NTASKS", "1")) > 1 or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+            or int(os.environ.get("OMPI_COMM_WORLD_SIZE", "1")) > 1)
+
+
 def _maybe_initialize_distributed():
-    """Joins the multi-controller runtime when the environment describes one (coordinator, SLURM, TPU pod)."""
-    if os.environ.get("JAX_COORDINATOR_ADDRESS") or int(os.environ.get("SLURM_NTASKS", "1")) > 1 or \
-            os.environ.get("TPU_WORKER_HOSTNAMES", "localhost").count(",") > 0:
-        jax.distributed.initialize()
+    """Joins the multi-controller runtime when asked to (coordinator flags) or on a known cluster."""
+    if _COORDINATOR.value or _cluster_environment():
+        # Cross-process collectives on CPU (tests, local multi-process runs) go through gloo.
+        jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        jax.distributed.initialize(coordinator_address=_COORDINATOR.value, num_processes=_NUM_PROCESSES.value,
+                                   process_id=_PROCESS_ID.value)
 
 
 def _quiet_orbax(record):

@@ -1,8 +1,9 @@
 """Mesh from the config, logical axis rules, and the shardings of batches and train state.
 
 Parameters carry logical axis names (`dpo_jax.models`); `LOGICAL_AXIS_RULES` maps each name to
-mesh axes, so changing the parallelism is a config change: data parallel over `data`, parameters
-split over `fsdp`, heads and MLP split over `tensor`. Batches are split over `data` x `fsdp`.
+mesh axes, so changing the parallelism is a config change: data parallel over `data` (and over
+slices with `dcn`), parameters split over `fsdp`, heads and MLP split over `tensor`. Batches are
+split over `dcn` x `data` x `fsdp`.
 """
 
 import math
@@ -10,10 +11,11 @@ import math
 import jax
 import numpy as np
 import optax
+from jax.experimental import mesh_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
 
-MESH_AXES = ("data", "fsdp", "tensor")
-BATCH_AXES = ("data", "fsdp")
+MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # dcn: data parallel across TPU slices (multi-slice)
+BATCH_AXES = ("dcn", "data", "fsdp")
 
 LOGICAL_AXIS_RULES = {
     "batch": BATCH_AXES,
@@ -45,12 +47,16 @@ def mesh_shape(mesh_config, num_devices):
 
 
 def make_mesh(mesh_config, devices=None):
-    """A `jax.sharding.Mesh` with axes (data, fsdp, tensor); Auto axes, so jit shardings drive the partitioning."""
+    """A `jax.sharding.Mesh` with axes (dcn, data, fsdp, tensor); Auto axes, so jit shardings drive
+    the partitioning. Devices are ordered by the physical topology (and by slice for `dcn`)."""
     devices = jax.devices() if devices is None else devices
     sizes = mesh_shape(mesh_config, len(devices))
     shape = tuple(sizes[axis] for axis in MESH_AXES)
-    return jax.sharding.Mesh(np.asarray(devices).reshape(shape), MESH_AXES,
-                             axis_types=(AxisType.Auto,) * len(MESH_AXES))
+    if sizes["dcn"] > 1 and hasattr(devices[0], "slice_index"):
+        device_array = mesh_utils.create_hybrid_device_mesh((1,) + shape[1:], (sizes["dcn"], 1, 1, 1), devices)
+    else:
+        device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
 
 
 def logical_to_mesh(spec: PartitionSpec, shape, mesh) -> PartitionSpec:
@@ -91,10 +97,19 @@ def check_batch_size(batch_size, mesh, name):
     shards = math.prod(mesh.shape[axis] for axis in BATCH_AXES)
     if batch_size % shards:
         raise ValueError(f"{name}={batch_size} is not divisible by the mesh's batch axes "
-                         f"data x fsdp = {shards}")
+                         f"dcn x data x fsdp = {shards}")
 
 
 def opt_state_shardings(optimizer, abstract_opt_state, param_shardings, mesh):
     """Optimizer moments sharded like their parameters; counters and other scalars replicated."""
     return optax.tree_map_params(optimizer, lambda _, param_sharding: param_sharding, abstract_opt_state,
                                  param_shardings, transform_non_params=lambda _: replicated(mesh))
+
+
+def bytes_per_device(tree):
+    """The most bytes any one device holds of a tree of jax.Arrays (its addressable shards)."""
+    per_device = {}
+    for leaf in jax.tree.leaves(tree):
+        for shard in leaf.addressable_shards:
+            per_device[shard.device] = per_device.get(shard.device, 0) + shard.data.nbytes
+    return max(per_device.values(), default=0)

@@ -4,9 +4,11 @@ SFT and DPO share one train step; they differ only in their loss function (as in
 trainer, a thin layer over SFT). Everything here is a pure function of arrays, jitted by
 `train.py` with explicit shardings and the state donated.
 
-Batches use the padded layout of `dpo_jax.data.layouts`: SFT batches hold `input_ids`,
-`loss_mask`, `segment_ids` [batch, time]; DPO batches hold the same keys prefixed by `chosen_`
-and `rejected_`.
+Batches come in the layouts of `dpo_jax.data.layouts`. SFT batches hold `input_ids`, `loss_mask`,
+`segment_ids` [batch, time] (packed: also `positions`). Padded DPO batches hold the same keys
+prefixed by `chosen_` and `rejected_`; packed DPO batches hold rows of several pairs, `positions`,
+`sequence_ids` (which pair's chosen or rejected response a token is), `pair_mask` (which pair
+slots are real) and, with a shared prompt, `branch_ids`. Every layout gives the same log-probs.
 """
 
 import functools
@@ -18,6 +20,7 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import losses, models
+from dpo_jax.data import layouts
 
 
 @flax.struct.dataclass
@@ -29,13 +32,14 @@ class TrainState:
     ref_params: Optional[Any] = None  # frozen reference (DPO with a live reference); no optimizer state
 
 
-def init_state(params, optimizer, *, seed, live_reference):
-    """Step 0 of a stage starting from `params`; with a live reference, a frozen copy of them."""
+def init_state(params, optimizer, *, seed, live_reference, reference_dtype=None):
+    """Step 0 of a stage starting from `params`; with a live reference, a frozen copy of them
+    (in `reference_dtype`, e.g. bfloat16 to halve its memory)."""
+    # A real copy: the policy's buffers are donated each step, the reference's are not.
+    copy = lambda p: jnp.array(p, dtype=reference_dtype or p.dtype, copy=True)
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-        rng=jax.random.PRNGKey(seed),
-        # A real copy: the policy's buffers are donated each step, the reference's are not.
-        ref_params=jax.tree.map(jnp.copy, params) if live_reference else None)
+        rng=jax.random.PRNGKey(seed), ref_params=jax.tree.map(copy, params) if live_reference else None)
 
 
 def make_optimizer(train_config, stage_config):
@@ -62,10 +66,22 @@ def make_optimizer(train_config, stage_config):
 # Log-probs of a batch
 # ---------------------------------------------------------------------------------------------
 
+def _prefix_shared_mask(segment_ids, branch_ids):
+    """[rows, time, time]: causal within a segment, seeing the shared prompt and the query's own branch only."""
+    length = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((length, length), bool))
+    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
+    visible_branch = (branch_ids[:, None, :] == layouts.PROMPT_BRANCH) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    return causal & same_segment & visible_branch
+
+
 def _shifted_logits(graphdef, params, batch, prefix=""):
     """Logits predicting tokens 1..T-1, with their labels and loss mask (the prompt is never scored)."""
     input_ids = batch[prefix + "input_ids"]
-    logits = models.apply(graphdef, params, input_ids, segment_ids=batch[prefix + "segment_ids"])
+    segment_ids = batch[prefix + "segment_ids"]
+    mask = _prefix_shared_mask(segment_ids, batch["branch_ids"]) if "branch_ids" in batch else None
+    logits = models.apply(graphdef, params, input_ids, positions=batch.get(prefix + "positions"),
+                          segment_ids=segment_ids, mask=mask)
     return logits[:, :-1], input_ids[:, 1:], batch[prefix + "loss_mask"][:, 1:]
 
 
@@ -75,8 +91,57 @@ def _pair_rows(batch):
             for key in ("input_ids", "loss_mask", "segment_ids")}
 
 
+def _dpo_rows(batch):
+    """The model rows of a DPO batch, with `sequence_ids` (2k / 2k+1: a token of the row's k-th
+    pair's chosen / rejected response; -1: not scored). Padded: chosen rows, then rejected rows."""
+    if "chosen_input_ids" not in batch:
+        return {**batch, "loss_mask": (batch["sequence_ids"] >= 0).astype(jnp.int32)}
+    rows = _pair_rows(batch)
+    pairs = batch["chosen_input_ids"].shape[0]
+    side = (jnp.arange(2 * pairs) >= pairs).astype(jnp.int32)[:, None]
+    return {**rows, "sequence_ids": jnp.where(rows["loss_mask"] > 0, side, -1)}
+
+
+def _pair_sums(per_token, batch, rows):
+    """Sums of a per-token quantity [rows, T-1] over each pair's chosen and rejected tokens: ([pairs], [pairs])."""
+    padded = "chosen_input_ids" in batch
+    num_slots = 2 if padded else 2 * batch["pair_mask"].shape[-1]
+    slots = rows["sequence_ids"][:, 1:, None] == jnp.arange(num_slots)
+    sums = jnp.sum(jnp.where(slots, per_token.astype(jnp.float32)[..., None], 0.0), axis=1)  # [rows, slots]
+    if padded:  # chosen rows fill slot 0, rejected rows slot 1
+        sums = sums[:sums.shape[0] // 2] + sums[sums.shape[0] // 2:]
+    sums = sums.reshape(-1, 2)
+    return sums[:, 0], sums[:, 1]
+
+
+def _dpo_forward(graphdef, params, ref_params, batch):
+    """Policy logits, labels and rows; the reference's (chosen, rejected) log-probs; and the
+    reference logits when a live reference is run (None with precomputed log-probs in the batch)."""
+    rows = _dpo_rows(batch)
+    logits, labels, _ = _shifted_logits(graphdef, params, rows)
+    if "reference_chosen_logps" in batch:
+        reference_logits = None
+        reference_logps = (batch["reference_chosen_logps"].reshape(-1), batch["reference_rejected_logps"].reshape(-1))
+    else:
+        reference_logits, _, _ = _shifted_logits(graphdef, jax.lax.stop_gradient(ref_params), rows)
+        reference_logps = _pair_sums(losses.token_logps(reference_logits, labels), batch, rows)
+    return logits, reference_logits, reference_logps, labels, rows
+
+
+def reference_logps(params, batch, *, graphdef):
+    """Sequence log-probs of chosen and rejected under `params`, one per pair slot of the batch's
+    units ([pairs], packed: [rows, pairs per row]): the precomputed-reference pass."""
+    rows = _dpo_rows(batch)
+    logits, labels, _ = _shifted_logits(graphdef, params, rows)
+    chosen, rejected = _pair_sums(losses.token_logps(logits, labels), batch, rows)
+    shape = batch["pair_mask"].shape if "pair_mask" in batch else chosen.shape
+    return {"reference_chosen_logps": chosen.reshape(shape), "reference_rejected_logps": rejected.reshape(shape)}
+
+
 # ---------------------------------------------------------------------------------------------
-# Losses
+# Losses: (params, ref_params, batch, rng) -> (loss, (metrics, weight)), where loss and metrics
+# are means over `weight` units (tokens for SFT, pairs for DPO), so that micro-batches and
+# devices combine exactly by weighted sums.
 # ---------------------------------------------------------------------------------------------
 
 def sft_loss(params, ref_params, batch, rng, *, graphdef):
@@ -84,16 +149,9 @@ def sft_loss(params, ref_params, batch, rng, *, graphdef):
     del ref_params, rng
     logits, labels, mask = _shifted_logits(graphdef, params, batch)
     mask = mask.astype(jnp.float32)
-    nll = -jnp.sum(losses.token_logps(logits, labels) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-    return nll, {"nll": nll}
-
-
-def _policy_and_reference(graphdef, params, ref_params, batch):
-    """Policy and reference logits of chosen and rejected, each model in one forward pass."""
-    rows = _pair_rows(batch)
-    logits, labels, mask = _shifted_logits(graphdef, params, rows)
-    reference_logits, _, _ = _shifted_logits(graphdef, jax.lax.stop_gradient(ref_params), rows)
-    return logits, reference_logits, labels, mask
+    num_tokens = jnp.sum(mask)
+    nll = -jnp.sum(losses.token_logps(logits, labels) * mask) / jnp.maximum(num_tokens, 1.0)
+    return nll, ({"nll": nll}, num_tokens)
 
 
 def _loss_options(dpo_config):
@@ -101,52 +159,128 @@ def _loss_options(dpo_config):
     return {key: value for key, value in dpo_config.loss_options.items() if value is not None}
 
 
-def _preference_loss(logits, reference_logits, labels, mask, dpo_config):
-    policy_logps = losses.sequence_logps(logits, labels, mask)
-    reference_logps = losses.sequence_logps(reference_logits, labels, mask)
-    lengths = jnp.sum(mask, axis=-1).astype(jnp.float32)
-    pairs = logits.shape[0] // 2
-    per_example, metrics = losses.preference_loss(
-        policy_logps[:pairs], policy_logps[pairs:], reference_logps[:pairs], reference_logps[pairs:],
-        loss_type=dpo_config.loss_type, beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing,
-        chosen_lengths=lengths[:pairs], rejected_lengths=lengths[pairs:], **_loss_options(dpo_config))
-    return per_example.mean(), metrics
+def _masked_mean(values, pair_mask):
+    return jnp.sum(values * pair_mask) / jnp.maximum(jnp.sum(pair_mask), 1.0)
+
+
+def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
+    """Loss and metrics averaged over the batch's pairs (packed: the real ones), and their number."""
+    policy_chosen, policy_rejected = _pair_sums(losses.token_logps(logits, labels), batch, rows)
+    chosen_lengths, rejected_lengths = _pair_sums(jnp.ones(labels.shape, jnp.float32), batch, rows)
+    options = dict(loss_type=dpo_config.loss_type, beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing,
+                   **_loss_options(dpo_config))
+    inputs = (policy_chosen, policy_rejected, *reference_logps, chosen_lengths, rejected_lengths)
+
+    def pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths,
+                  rejected_lengths):
+        return losses.preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
+
+    per_example, metrics = pair_loss(*inputs)
+    if "pair_mask" not in batch:
+        return per_example.mean(), (metrics, jnp.asarray(per_example.shape[0], jnp.float32))
+    # Packed rows have empty pair slots. The metrics are batch means, so they are taken per pair
+    # (a batch of one each) and averaged over the real pairs only.
+    pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32)
+    per_pair_metrics = jax.vmap(lambda *pair: pair_loss(*(x[None] for x in pair))[1])(*inputs)
+    metrics = jax.tree.map(lambda values: _masked_mean(values, pair_mask), per_pair_metrics)
+    return _masked_mean(per_example, pair_mask), (metrics, jnp.sum(pair_mask))
 
 
 def dpo_loss(params, ref_params, batch, rng, *, graphdef, dpo_config):
-    """The preference loss of `dpo_config.loss_type` against the frozen reference."""
+    """The preference loss of `dpo_config.loss_type` against the frozen (or precomputed) reference."""
     del rng
-    forward = _policy_and_reference(graphdef, params, ref_params, batch)
-    return _preference_loss(*forward, dpo_config)
+    logits, _, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch)
+    return _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config)
 
 
 # ---------------------------------------------------------------------------------------------
 # Steps
 # ---------------------------------------------------------------------------------------------
 
-def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule):
-    """One optimizer step of `loss_fn(params, ref_params, batch, rng) -> (loss, metrics)`."""
+def _micro_batches(batch, count):
+    """[batch, ...] -> [count, batch / count, ...], micro-batch i holding rows i, i + count, ...,
+    so that every device holds an equal share of every micro-batch."""
+    return jax.tree.map(lambda x: jnp.swapaxes(x.reshape(x.shape[0] // count, count, *x.shape[1:]), 0, 1), batch)
+
+
+def _weighted_grads(loss_fn, params, ref_params, batch, rng, micro_batches):
+    """Weighted sums (loss, metrics, grads) and the total weight, over `micro_batches` in sequence."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def one(micro_batch, micro_rng):
+        (loss, (metrics, weight)), grads = grad_fn(params, ref_params, micro_batch, micro_rng)
+        scale = lambda tree: jax.tree.map(lambda x: x * weight, tree)
+        return scale((loss, metrics, grads)), weight
+
+    if micro_batches == 1:
+        return one(batch, rng)
+
+    def accumulate(totals, inputs):
+        sums, weight = one(*inputs)
+        return jax.tree.map(jnp.add, totals, (sums, weight)), None
+
+    rngs = jax.random.split(rng, micro_batches)
+    micro = _micro_batches(batch, micro_batches)
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(one, jax.tree.map(lambda x: x[0], micro), rngs[0]))
+    totals, _ = jax.lax.scan(accumulate, zeros, (micro, rngs))
+    return totals
+
+
+def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_batches=1, axis_name=None,
+               reference_update=None):
+    """One optimizer step of `loss_fn`, exact under micro-batching and data parallelism.
+
+    micro_batches: gradient accumulation; the update equals the one of the whole batch.
+    axis_name: the pmap / shard_map axis to combine over (None under jit with shardings, where
+      XLA partitions the global computation itself).
+    reference_update: (tau, alpha) for TR-DPO: every tau steps the reference moves to
+      alpha * policy + (1 - alpha) * reference (Gorbatovski et al. 2024, arXiv:2404.09656).
+    """
     rng, step_rng = jax.random.split(state.rng)
-    (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, state.ref_params, batch,
-                                                                      step_rng)
+    (loss, metrics, grads), weight = _weighted_grads(loss_fn, state.params, state.ref_params, batch, step_rng,
+                                                     micro_batches)
+    if axis_name is not None:
+        (loss, metrics, grads), weight = jax.lax.psum(((loss, metrics, grads), weight), axis_name)
+    loss, metrics, grads = jax.tree.map(lambda x: x / weight, (loss, metrics, grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    ref_params = state.ref_params
+    if reference_update is not None:
+        tau, alpha = reference_update
+        mixed = jax.tree.map(lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), params, ref_params)
+        ref_params = jax.lax.cond((state.step + 1) % tau == 0, lambda: mixed, lambda: ref_params)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
                "learning_rate": schedule(state.step)}
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng), metrics
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                         ref_params=ref_params), metrics
+
+
+def pmap_train_step(*, loss_fn, optimizer, schedule, axis_name="devices", **options):
+    """The same train step for pmap-based code: data parallel, the state replicated on every device
+    and the batch split on a leading device axis. (`jax.jit` with shardings is the main path.)"""
+    return jax.pmap(functools.partial(train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
+                                      axis_name=axis_name, **options), axis_name=axis_name, donate_argnums=0)
 
 
 def sft_eval_step(params, ref_params, batch, *, graphdef):
-    loss, metrics = sft_loss(params, ref_params, batch, None, graphdef=graphdef)
+    loss, (metrics, _) = sft_loss(params, ref_params, batch, None, graphdef=graphdef)
     return {**metrics, "loss": loss}
 
 
 def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
-    """DPO metrics plus `kl`: exact KL(policy || reference) summed over each response, averaged over sequences."""
-    logits, reference_logits, labels, mask = _policy_and_reference(graphdef, params, ref_params, batch)
-    loss, metrics = _preference_loss(logits, reference_logits, labels, mask, dpo_config)
-    kl = losses.sequence_kl(logits, reference_logits, mask).mean()
-    return {**metrics, "loss": loss, "kl": kl}
+    """DPO metrics plus, with a live reference, `kl`: exact KL(policy || reference) summed over
+    each response, averaged over sequences."""
+    logits, reference_logits, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch)
+    loss, (metrics, _) = _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config)
+    metrics = {**metrics, "loss": loss}
+    if reference_logits is not None:
+        # Per-token KL: sequence_kl over a time axis of length one, then summed per response.
+        token_kl = losses.sequence_kl(logits[:, :, None], reference_logits[:, :, None], jnp.ones(labels.shape + (1,)))
+        chosen_kl, rejected_kl = _pair_sums(token_kl, batch, rows)
+        pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32) if "pair_mask" in batch else 1.0
+        metrics["kl"] = _masked_mean((chosen_kl + rejected_kl) / 2, pair_mask * jnp.ones_like(chosen_kl))
+    return metrics
 
 
 def stage_functions(stage, graphdef, config):

@@ -4,34 +4,25 @@ Sections: workdir / mesh / data / model and shardings / stage loop (state, steps
 evaluation, logging) / summary. This is the only module that wires the others together.
 """
 
-import hashlib
+import dataclasses
+import functools
 import json
 import os
 import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
-from jax.experimental import multihost_utils
 
-from dpo_jax import checkpointing, configuration, data, models, sharding, steps
+from dpo_jax import checkpointing, configuration, data, fingerprints, models, reference, sharding, steps
 from dpo_jax.data import loader
 from dpo_jax.metrics import MetricWriter, progress_bar, read_jsonl, to_python
 
 
 class Halted(Exception):
     """Raised after `halt_after_steps` steps, once the checkpoint is safely written."""
-
-
-def params_fingerprint(params):
-    """sha256 over the parameters' bytes, leaves in sorted key-path order (identical on every mesh)."""
-    digest = hashlib.sha256()
-    for path, leaf in sorted(jax.tree_util.tree_leaves_with_path(params), key=lambda item: jax.tree_util.keystr(item[0])):
-        value = multihost_utils.process_allgather(leaf, tiled=True) if not leaf.is_fully_addressable else leaf
-        digest.update(jax.tree_util.keystr(path).encode())
-        digest.update(np.ascontiguousarray(np.asarray(value)).tobytes())
-    return digest.hexdigest()
 
 
 def _read_summary(workdir):
@@ -67,7 +58,8 @@ def run(config, workdir, *, halt_after_steps=None):
     configuration.validate(config)
     os.makedirs(workdir, exist_ok=True)
     mesh = sharding.make_mesh(config.mesh)
-    sharding.check_batch_size(config.train.global_batch_size, mesh, "config.train.global_batch_size")
+    sharding.check_batch_size(config.train.global_batch_size // config.train.grad_accum_steps, mesh,
+                              "config.train.global_batch_size / config.train.grad_accum_steps")
     sharding.check_batch_size(config.eval.batch_size, mesh, "config.eval.batch_size")
     if jax.process_index() == 0:
         configuration.bind_workdir(config, workdir)
@@ -79,17 +71,15 @@ def run(config, workdir, *, halt_after_steps=None):
         logging.warning("%d pairs were truncated to data.max_length=%d", task.num_truncated, config.data.max_length)
 
     # ----------------------------------------------------------------------------- model and shardings
-    graphdef, abstract_model_params, logical_specs = models.abstract_model(config.model)
-    param_shardings = sharding.param_shardings(abstract_model_params, logical_specs, mesh)
+    model = plan_model(config, mesh)
     params = None  # the previous stage's final parameters
     summary = _read_summary(workdir)
     writer = MetricWriter(workdir)
     budget = [halt_after_steps]  # steps this process may still take (None: unbounded)
     try:
         for stage in config.stages:
-            params, summary[stage] = _run_stage(stage, config, workdir, mesh, task, graphdef,
-                                                abstract_model_params, param_shardings, params,
-                                                summary.get(stage), writer, budget)
+            params, summary[stage] = _run_stage(plan_stage(stage, config, mesh, model), config, workdir, mesh,
+                                                task, model, params, summary.get(stage), writer, budget)
             _write_json(os.path.join(workdir, "summary.json"), summary)
     finally:
         writer.close()
@@ -107,54 +97,103 @@ def _initial_params(stage, config, previous_params, abstract_params):
     return models.init_params(config.model, seed=config.seed, shardings=shardings)
 
 
-def _run_stage(stage, config, workdir, mesh, task, graphdef, abstract_model_params, param_shardings,
-               previous_params, done, writer, budget):
-    stage_config = config[stage]
-    optimizer, schedule = steps.make_optimizer(config.train, stage_config)
-    loss_fn, eval_fn = steps.stage_functions(stage, graphdef, config)
-    live_reference = stage == "dpo"
-    train_arrays, eval_arrays = (task.dpo_train, task.dpo_eval) if stage == "dpo" else (task.sft_train, task.sft_eval)
+@dataclasses.dataclass(frozen=True)
+class ModelPlan:
+    graphdef: Any                 # the Flax graph of the decoder (static)
+    abstract_params: Any          # ShapeDtypeStructs carrying their shardings
+    param_shardings: Any          # NamedShardings from the logical axis rules
 
-    # ------------------------------------------------------------------------- state and its shardings
+
+def plan_model(config, mesh):
+    """The model's graph and its parameters' shapes and shardings on `mesh`, nothing allocated."""
+    graphdef, abstract_params, logical_specs = models.abstract_model(config.model)
+    param_shardings = sharding.param_shardings(abstract_params, logical_specs, mesh)
+    return ModelPlan(graphdef, checkpointing.with_shardings(abstract_params, param_shardings), param_shardings)
+
+
+@dataclasses.dataclass(frozen=True)
+class StagePlan:
+    name: str
+    optimizer: Any
+    schedule: Any
+    loss_fn: Callable             # (params, ref_params, batch, rng) -> (loss, (metrics, weight))
+    eval_fn: Callable             # (params, ref_params, batch) -> metrics
+    reference_mode: Optional[str] # None (SFT) | live | precomputed
+    reference_update: Optional[tuple]  # TR-DPO (tau, alpha)
+    init_state: Callable          # params -> TrainState at step 0
+    abstract_state: Any
+    state_shardings: Any
+
+
+def plan_stage(stage, config, mesh, model):
+    """Everything a stage compiles: optimizer, losses, and the train state's shapes and shardings."""
+    optimizer, schedule = steps.make_optimizer(config.train, config[stage])
+    loss_fn, eval_fn = steps.stage_functions(stage, model.graphdef, config)
+    reference_mode = config.dpo.reference if stage == "dpo" else None
+    live_reference = reference_mode == "live"
+    reference_update = None
+    if live_reference and config.dpo.reference_update_every:
+        reference_update = (config.dpo.reference_update_every, config.dpo.reference_update_alpha)
+    init_state = functools.partial(steps.init_state, optimizer=optimizer, seed=config.seed,
+                                   live_reference=live_reference, reference_dtype=config.dpo.reference_dtype or None)
+    abstract_state = jax.eval_shape(init_state, model.abstract_params)
     replicated = sharding.replicated(mesh)
-
-    def fresh_state(params):
-        return steps.init_state(params, optimizer, seed=config.seed, live_reference=live_reference)
-
-    abstract_params = jax.tree.map(lambda sh, p: jax.ShapeDtypeStruct(p.shape, p.dtype, sharding=sh),
-                                   param_shardings, abstract_model_params)
-    abstract_state = jax.eval_shape(fresh_state, abstract_params)
     state_shardings = steps.TrainState(
-        step=replicated, params=param_shardings,
-        opt_state=sharding.opt_state_shardings(optimizer, abstract_state.opt_state, param_shardings, mesh),
-        rng=replicated, ref_params=param_shardings if live_reference else None)
+        step=replicated, params=model.param_shardings,
+        opt_state=sharding.opt_state_shardings(optimizer, abstract_state.opt_state, model.param_shardings, mesh),
+        rng=replicated, ref_params=model.param_shardings if live_reference else None)
+    return StagePlan(stage, optimizer, schedule, loss_fn, eval_fn, reference_mode, reference_update, init_state,
+                     checkpointing.with_shardings(abstract_state, state_shardings), state_shardings)
+
+
+def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, writer, budget):
+    stage, stage_config = plan.name, config[plan.name]
+    train_arrays, eval_arrays = (task.dpo_train, task.dpo_eval) if stage == "dpo" else (task.sft_train, task.sft_eval)
+    replicated = sharding.replicated(mesh)
 
     checkpoints = checkpointing.StageCheckpoints(
         os.path.join(workdir, "checkpoints", stage), max_to_keep=config.checkpoint.max_to_keep,
         save_every_steps=config.checkpoint.every_steps)
-    resumed = checkpoints.latest_step() is not None
+    latest = checkpoints.latest_step()
+    if done is not None and latest == stage_config.num_steps:  # finished in an earlier invocation
+        params = checkpoints.restore_params(model.abstract_params)
+        checkpoints.close()
+        return params, done
+
+    # A precomputed reference is the stage's starting point, rebuilt on resume to find its cached
+    # log-probs; training never holds it.
+    start_params = None
+    if latest is None or plan.reference_mode == "precomputed":
+        start_params = _initial_params(stage, config, previous_params, model.abstract_params)
+    if plan.reference_mode == "precomputed":
+        splits = reference.with_reference_logps(
+            {"train": train_arrays, "eval": eval_arrays}, start_params, graphdef=model.graphdef, mesh=mesh,
+            param_shardings=model.param_shardings, batch_size=config.eval.batch_size,
+            cache_dir=config.dpo.reference_cache_dir or os.path.join(workdir, "reference_logps"))
+        train_arrays, eval_arrays = splits["train"], splits["eval"]
+
+    resumed = latest is not None
     if resumed:
-        state = checkpoints.restore(checkpointing.with_shardings(abstract_state, state_shardings))
+        state = checkpoints.restore(plan.abstract_state)
         logging.info("%s: resumed from step %d of %s", stage, int(state.step), checkpoints.directory)
-        if done is not None and int(state.step) == stage_config.num_steps:
-            checkpoints.close()
-            return state.params, done
         writer.drop_after(stage, int(state.step))
     else:
-        start_params = _initial_params(stage, config, previous_params, abstract_params)
-        state = jax.jit(fresh_state, out_shardings=state_shardings)(start_params)
+        state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(start_params)
+    del start_params
     start_step = int(state.step)
 
     # ------------------------------------------------------------------------- compiled steps
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
-        lambda state, batch: steps.train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule),
-        in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, replicated),
+        functools.partial(steps.train_step, loss_fn=plan.loss_fn, optimizer=plan.optimizer, schedule=plan.schedule,
+                          micro_batches=config.train.grad_accum_steps, reference_update=plan.reference_update),
+        in_shardings=(plan.state_shardings, batch_sharding), out_shardings=(plan.state_shardings, replicated),
         donate_argnums=0)
-    eval_step = jax.jit(eval_fn, in_shardings=(param_shardings, state_shardings.ref_params, batch_sharding),
-                        out_shardings=replicated)
+    eval_step = jax.jit(plan.eval_fn, in_shardings=(model.param_shardings, plan.state_shardings.ref_params,
+                                                    batch_sharding), out_shardings=replicated)
     train_batches = loader.train_batches(train_arrays, global_batch_size=config.train.global_batch_size,
-                                         seed=config.seed)
+                                         seed=config.seed,
+                                         mixture=task.dpo_mixture if stage == "dpo" else task.sft_mixture)
     eval_batches = loader.eval_batches(eval_arrays, global_batch_size=config.eval.batch_size)
 
     def evaluate(step):
@@ -182,7 +221,7 @@ def _run_stage(stage, config, workdir, mesh, task, graphdef, abstract_model_para
             raise Halted(f"{stage}: halted at step {step}; rerun the same command to resume")
         local_batch = train_batches[step]
         batch_tokens = jax.process_count() * int(sum(
-            np.sum(value) for key, value in local_batch.items() if key.endswith("segment_ids")))
+            np.count_nonzero(value) for key, value in local_batch.items() if key.endswith("segment_ids")))
         state, metrics = train_step(state, sharding.global_batch(local_batch, mesh))
         tokens += batch_tokens
         window_tokens += batch_tokens
@@ -214,7 +253,7 @@ def _run_stage(stage, config, workdir, mesh, task, graphdef, abstract_model_para
         "eval": eval_metrics,
         "wall_seconds": wall,  # of the invocation that finished the stage
         "tokens_per_sec": tokens / wall if tokens else None,
-        "params_fingerprint": params_fingerprint(state.params),
+        "params_fingerprint": fingerprints.params_fingerprint(state.params),
     }
 
 
@@ -230,7 +269,8 @@ def format_report(summary):
             lines.append(f"  {'held-out':<22}{'before DPO':>12}{'after DPO':>12}")
             for key, name in (("rewards/accuracies", "preference accuracy"), ("rewards/margins", "reward margin"),
                               ("kl", "KL to reference")):
-                lines.append(f"  {name:<22}{before.get(key, float('nan')):>12.4f}{final.get(key, float('nan')):>12.4f}")
+                if key in final:  # no KL without a reference model (dpo.reference='precomputed')
+                    lines.append(f"  {name:<22}{before[key]:>12.4f}{final[key]:>12.4f}")
         elif final:
             lines.append("  " + ", ".join(f"{key}={value:.4f}" for key, value in sorted(final.items())))
     return "\n".join(lines)

@@ -4,7 +4,12 @@ A case is the keyword arguments of `dpo_jax.losses.preference_loss` besides the 
 every loss type at least once, cDPO, both IPO forms, each f-divergence, WPO weighting and an MPO mixture.
 """
 
+import jax
 import numpy as np
+
+from dpo_jax import losses
+
+ARRAY_NAMES = ("policy_chosen_logps", "policy_rejected_logps", "reference_chosen_logps", "reference_rejected_logps")
 
 CASES = [
     dict(loss_type="sigmoid"),
@@ -70,3 +75,30 @@ def random_inputs(seed, batch=6, scale=3.0):
         chosen_lengths=rng.integers(1, 40, batch).astype(np.float32),
         rejected_lengths=rng.integers(1, 40, batch).astype(np.float32),
     )
+
+
+def with_case_references(inputs, case):
+    """Drops the reference log-probs for reference-free cases, which must work without them."""
+    if all(loss_type in REFERENCE_FREE for loss_type in loss_types_of(case)):
+        return {**inputs, "reference_chosen_logps": None, "reference_rejected_logps": None}
+    return inputs
+
+
+def library_losses(inputs, beta, case):
+    """preference_loss of `case` on a dict of inputs like `random_inputs`'."""
+    return losses.preference_loss(*(inputs[name] for name in ARRAY_NAMES), beta=beta,
+                                  chosen_lengths=inputs["chosen_lengths"], rejected_lengths=inputs["rejected_lengths"],
+                                  **case)
+
+
+def all_cases(inputs, beta):
+    """[(losses, metrics)] of every case, reference-free ones without references: one function to transform."""
+    return [library_losses(with_case_references(inputs, case), beta, case) for case in CASES]
+
+
+def policy_gradients(inputs, beta):
+    """[{name: d sum(losses) / d policy log-probs}] of every case."""
+    def total_loss(policy, case):
+        return library_losses(with_case_references({**inputs, **policy}, case), beta, case)[0].sum()
+    policy = {name: inputs[name] for name in ARRAY_NAMES[:2]}
+    return [jax.grad(total_loss)(policy, case) for case in CASES]

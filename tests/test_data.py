@@ -56,3 +56,38 @@ def test_train_batches_are_a_function_of_the_step():
 def test_loader_rejects_a_batch_larger_than_the_data():
     with pytest.raises(ValueError, match="fewer examples than one global batch"):
         loader.train_batches({"x": np.arange(3)}, global_batch_size=4, seed=0)
+
+
+def test_a_mixture_draws_its_components_in_proportion_to_the_weights():
+    arrays = {"x": np.arange(40)}  # component 0: rows 0-9, component 1: rows 10-39
+    batches = loader.train_batches(arrays, global_batch_size=8, seed=1, mixture=[(0, 10, 3.0), (10, 40, 1.0)])
+    drawn = np.concatenate([batches[step]["x"] for step in range(200)])
+    np.testing.assert_allclose(np.mean(drawn < 10), 0.75, atol=0.02)
+    # Each component still goes through all its rows before repeating one.
+    first = [x for x in drawn if x < 10][:10]
+    assert sorted(first) == list(range(10))
+
+
+def test_each_process_reads_only_its_share_of_the_same_global_batches(monkeypatch):
+    arrays = {"x": np.arange(64)}
+    whole = loader.train_batches(arrays, global_batch_size=8, seed=5)
+    shares = []
+    for process in range(2):
+        monkeypatch.setattr(loader.jax, "process_count", lambda: 2)
+        monkeypatch.setattr(loader.jax, "process_index", lambda process=process: process)
+        shares.append(loader.train_batches(arrays, global_batch_size=8, seed=5))
+    for step in (0, 3, 11):  # 11: a later epoch
+        local = [share[step]["x"] for share in shares]
+        assert len(local[0]) == len(local[1]) == 4 and not set(local[0]) & set(local[1])
+        assert sorted(np.concatenate(local)) == sorted(whole[step]["x"])
+
+
+def test_a_resumed_loader_sees_exactly_the_batches_of_an_uninterrupted_run():
+    arrays = {"x": np.arange(50), "y": np.arange(50) * 2}
+    uninterrupted = loader.train_batches(arrays, global_batch_size=8, seed=9)
+    seen = [uninterrupted[step]["x"] for step in range(20)]  # 3+ epochs
+    resumed = loader.train_batches(arrays, global_batch_size=8, seed=9)  # a new process, as after a restart
+    for step in range(12, 20):
+        np.testing.assert_array_equal(resumed[step]["x"], seen[step])
+    assert not all(np.array_equal(a, b) for a, b in zip(seen, [
+        loader.train_batches(arrays, global_batch_size=8, seed=10)[step]["x"] for step in range(20)]))

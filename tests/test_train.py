@@ -100,7 +100,7 @@ def test_same_losses_on_one_device_and_on_an_eight_device_mesh(finished_run, tmp
 @pytest.mark.parametrize("flags,env,message", [
     (["--config.dpo.beta=0"], {}, "config.dpo.beta: must be > 0"),
     (["--config.dpo.loss_type=nope"], {}, "config.dpo.loss_type: 'nope' is not one of"),
-    (["--config.train.global_batch_size=6"], EIGHT_DEVICES, "config.train.global_batch_size=6 is not divisible"),
+    (["--config.train.global_batch_size=6"], EIGHT_DEVICES, "config.train.global_batch_size / config.train.grad_accum_steps=6 is not divisible"),
     (["--config.mesh.data=3"], EIGHT_DEVICES, "config.mesh"),
     (["--config.dpo.betta=0.2"], {}, "betta"),
 ])

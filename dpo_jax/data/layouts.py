@@ -1,20 +1,64 @@
 """Token layouts: how (prompt, response) token ids become fixed-shape model rows.
 
-The padded layout: one row per sequence, `prompt + response` then padding. `loss_mask` marks the
-response tokens (the prompt is never scored) and `segment_ids` marks real tokens (1) against
-padding (0); both come from lengths, never from comparing ids with a pad id, so a pad id equal
-to EOS cannot hide a real EOS.
+Masks and scored positions always come from lengths, never from comparing ids with a pad id, so a
+pad id equal to EOS cannot hide a real EOS. Token t of a row is always predicted by token t - 1 of
+the same row, so one shifted log-prob extraction (`dpo_jax.steps`) serves every layout.
+
+`padded` (DPO: `chosen_*` and `rejected_*` arrays [pairs, max_length]; SFT: [sequences, max_length]):
+    one row per sequence, prompt + response then padding. `loss_mask` marks the response tokens,
+    `segment_ids` real tokens (1) against padding (0).
+`packed` (arrays [rows, row_length]): whole pairs (or SFT sequences) packed into rows by best-fit
+    decreasing, at most `max_pairs_per_row` pairs per row. Each sequence is its own attention
+    segment (`segment_ids` 1, 2, ...; 0 is padding) with positions restarting at 0.
+`prefix_shared`: one row per pair holding prompt | chosen | rejected, the prompt encoded once;
+    `branch_ids` say which part a token is in, and a token attends to its own branch and to the
+    shared prompt (branch 0) only, so the rejected response never sees the chosen one. Both
+    responses' positions start where the prompt ends. So that the first token of each response is
+    predicted by the token right before it, the prompt's last token opens each branch (it is
+    encoded twice, with the same position and the same context: the cost is one token per pair).
+`packed_prefix_shared`: prefix-shared pairs, packed.
+
+DPO rows of the packed layouts carry `sequence_ids` [rows, row_length]: 2k for a token of the k-th
+pair's chosen response in that row, 2k + 1 for its rejected response, -1 for tokens not scored; and
+`pair_mask` [rows, max_pairs_per_row]: which of the row's pair slots hold a pair.
 """
+
+import bisect
 
 import numpy as np
 
+LAYOUTS = ("padded", "packed", "prefix_shared", "packed_prefix_shared")
+PROMPT_BRANCH, CHOSEN_BRANCH, REJECTED_BRANCH = 0, 1, 2
 
-def truncate(prompt, response, *, max_length, max_prompt_length):
-    """Keeps the end of the prompt (its last `max_prompt_length` tokens) and the start of the response."""
-    prompt = list(prompt)[-max_prompt_length:] if max_prompt_length else []
+
+def truncate(prompt, response, *, max_length, max_prompt_length, keep_prefix=0):
+    """Keeps the end of the prompt (its last `max_prompt_length` tokens) and the start of the response.
+
+    keep_prefix: leading prompt tokens always kept (a BOS), the rest of the budget going to its end.
+    """
+    prompt = list(prompt)
+    if len(prompt) > max_prompt_length:
+        keep_prefix = min(keep_prefix, max_prompt_length)
+        prompt = prompt[:keep_prefix] + (prompt[-(max_prompt_length - keep_prefix):]
+                                         if max_prompt_length > keep_prefix else [])
     response = list(response)[:max(max_length - len(prompt), 0)]
     return prompt, response
 
+
+def truncate_example(prompt, responses, *, max_length, max_prompt_length, keep_prefix=0):
+    """(prompt, responses, truncated) with every response truncated against the same kept prompt."""
+    kept = [truncate(prompt, response, max_length=max_length, max_prompt_length=max_prompt_length,
+                     keep_prefix=keep_prefix) for response in responses]
+    kept_prompt = kept[0][0]
+    kept_responses = [response for _, response in kept]
+    truncated = len(kept_prompt) < len(prompt) or any(
+        len(kept_response) < len(response) for kept_response, response in zip(kept_responses, responses))
+    return kept_prompt, kept_responses, truncated
+
+
+# ---------------------------------------------------------------------------------------------
+# Padded
+# ---------------------------------------------------------------------------------------------
 
 def padded_row(prompt, response, *, max_length, max_prompt_length, pad_id=0):
     """One padded row {input_ids, loss_mask, segment_ids}, each [max_length]; and whether it was truncated."""
@@ -56,3 +100,130 @@ def sft_rows(pairs, *, max_length, max_prompt_length, pad_id=0):
     rows, truncated = padded_rows([pair["prompt"] for pair in pairs], [pair["chosen"] for pair in pairs],
                                   max_length=max_length, max_prompt_length=max_prompt_length, pad_id=pad_id)
     return rows, int(truncated.sum())
+
+
+# ---------------------------------------------------------------------------------------------
+# Packed and prefix-shared
+# ---------------------------------------------------------------------------------------------
+
+def pack(sizes, *, capacity, max_items):
+    """Best-fit decreasing: lists of item indices, each list's sizes summing to <= capacity, <= max_items long.
+
+    Deterministic (ties keep index order); the lists come in order of their first (largest) item.
+    """
+    if len(sizes) and max(sizes) > capacity:
+        raise ValueError(f"An item of {max(sizes)} tokens does not fit in a row of {capacity}")
+    bins, free = [], []  # free: sorted (remaining capacity, bin index) of bins that can take more
+    for index in sorted(range(len(sizes)), key=lambda i: -sizes[i]):
+        size = sizes[index]
+        slot = bisect.bisect_left(free, (size, -1))
+        if slot < len(free):
+            remaining, bin_index = free.pop(slot)
+        else:
+            remaining, bin_index = capacity, len(bins)
+            bins.append([])
+        bins[bin_index].append(index)
+        if len(bins[bin_index]) < max_items and remaining - size > 0:
+            bisect.insort(free, (remaining - size, bin_index))
+    return bins
+
+
+def _pair_parts(prompt, chosen, rejected, share_prompt):
+    """[(tokens, positions, segment offset, branch, scored-sequence offset or None)] of one pair."""
+    if share_prompt:
+        n = len(prompt)
+        opener = prompt[-1:]
+        return [(prompt[:-1], np.arange(n - 1), 0, PROMPT_BRANCH, None),
+                (opener + chosen, np.arange(n - 1, n + len(chosen)), 0, CHOSEN_BRANCH, 0),
+                (opener + rejected, np.arange(n - 1, n + len(rejected)), 0, REJECTED_BRANCH, 1)]
+    return [(prompt + chosen, np.arange(len(prompt) + len(chosen)), 0, None, 0),
+            (prompt + rejected, np.arange(len(prompt) + len(rejected)), 1, None, 1)]
+
+
+def pair_size(prompt, chosen, rejected, share_prompt):
+    """Tokens a pair takes in a row."""
+    if share_prompt:
+        return len(prompt) + 1 + len(chosen) + len(rejected)
+    return 2 * len(prompt) + len(chosen) + len(rejected)
+
+
+def packed_pairs(pairs, *, row_length, max_pairs_per_row, share_prompt, pad_id=0):
+    """DPO rows of the packed layouts (pairs already truncated): {input_ids, positions, segment_ids,
+    sequence_ids, pair_mask[, branch_ids]}; the pairs' order in the rows is `pack`'s."""
+    sizes = [pair_size(p["prompt"], p["chosen"], p["rejected"], share_prompt) for p in pairs]
+    bins = pack(sizes, capacity=row_length, max_items=max_pairs_per_row)
+    num_rows = len(bins)
+    arrays = dict(input_ids=np.full((num_rows, row_length), pad_id, np.int32),
+                  positions=np.zeros((num_rows, row_length), np.int32),
+                  segment_ids=np.zeros((num_rows, row_length), np.int32),
+                  sequence_ids=np.full((num_rows, row_length), -1, np.int32),
+                  pair_mask=np.zeros((num_rows, max_pairs_per_row), bool))
+    if share_prompt:
+        arrays["branch_ids"] = np.zeros((num_rows, row_length), np.int32)
+    for row, members in enumerate(bins):
+        cursor = 0
+        for slot, index in enumerate(members):
+            pair = pairs[index]
+            # Segments: one per pair when the prompt is shared, else one per sequence.
+            segment_base = 1 + slot * (1 if share_prompt else 2)
+            for tokens, positions, segment_offset, branch, side in _pair_parts(
+                    pair["prompt"], pair["chosen"], pair["rejected"], share_prompt):
+                span = slice(cursor, cursor + len(tokens))
+                arrays["input_ids"][row, span] = tokens
+                arrays["positions"][row, span] = positions
+                arrays["segment_ids"][row, span] = segment_base + segment_offset
+                if share_prompt:
+                    arrays["branch_ids"][row, span] = branch
+                if side is not None:
+                    response_length = len(pair["chosen"] if side == 0 else pair["rejected"])
+                    arrays["sequence_ids"][row, span.stop - response_length:span.stop] = 2 * slot + side
+                cursor = span.stop
+            arrays["pair_mask"][row, slot] = True
+    return arrays
+
+
+def packed_sequences(prompts, responses, *, row_length, max_sequences_per_row, pad_id=0):
+    """SFT rows of the packed layouts (sequences already truncated): {input_ids, positions, segment_ids, loss_mask}."""
+    sizes = [len(prompt) + len(response) for prompt, response in zip(prompts, responses)]
+    bins = pack(sizes, capacity=row_length, max_items=max_sequences_per_row)
+    shape = (len(bins), row_length)
+    arrays = dict(input_ids=np.full(shape, pad_id, np.int32), positions=np.zeros(shape, np.int32),
+                  segment_ids=np.zeros(shape, np.int32), loss_mask=np.zeros(shape, np.int32))
+    for row, members in enumerate(bins):
+        cursor = 0
+        for slot, index in enumerate(members):
+            tokens = list(prompts[index]) + list(responses[index])
+            span = slice(cursor, cursor + len(tokens))
+            arrays["input_ids"][row, span] = tokens
+            arrays["positions"][row, span] = np.arange(len(tokens))
+            arrays["segment_ids"][row, span] = slot + 1
+            arrays["loss_mask"][row, cursor + len(prompts[index]):span.stop] = 1
+            cursor = span.stop
+    return arrays
+
+
+def pair_arrays(pairs, layout, *, max_length, row_length, max_pairs_per_row, pad_id=0):
+    """DPO arrays of (already truncated) pairs {prompt, chosen, rejected} in `layout`."""
+    if layout == "padded":
+        arrays, _ = padded_pairs(pairs, max_length=max_length, max_prompt_length=max_length, pad_id=pad_id)
+        return arrays
+    return packed_pairs(pairs, row_length=row_length, share_prompt=layout.endswith("prefix_shared"),
+                        max_pairs_per_row=1 if layout == "prefix_shared" else max_pairs_per_row, pad_id=pad_id)
+
+
+def sft_arrays(prompts, responses, layout, *, max_length, row_length, max_pairs_per_row, pad_id=0):
+    """SFT arrays of (already truncated) sequences: padded rows, else packed ones (SFT has no prompt to share)."""
+    if layout == "padded":
+        rows, _ = padded_rows(prompts, responses, max_length=max_length, max_prompt_length=max_length, pad_id=pad_id)
+        return rows
+    return packed_sequences(prompts, responses, row_length=row_length,
+                            max_sequences_per_row=2 * max_pairs_per_row, pad_id=pad_id)
+
+
+def token_stats(arrays, num_examples):
+    """{padding_fraction, tokens_per_example}: the share of row slots that are padding, and row slots
+    (what the model computes on) per example (a pair for DPO arrays, a sequence for SFT ones)."""
+    segment_keys = [key for key in arrays if key.endswith("segment_ids")]
+    total = sum(arrays[key].size for key in segment_keys)
+    real = sum(int(np.count_nonzero(arrays[key])) for key in segment_keys)
+    return {"padding_fraction": 1.0 - real / max(total, 1), "tokens_per_example": total / max(num_examples, 1)}

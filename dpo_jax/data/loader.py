@@ -1,9 +1,11 @@
 """Deterministic, resumable batches with grain.
 
 Training batches are a pure function of (seed, step): a grain MapDataset shuffles (reshuffling
-every epoch), repeats and batches with random access, so batch `step` is `dataset[step]` and a
-resumed run sees exactly the batches it would have seen, with no iterator state to save. Each
-process reads only its own share of every global batch.
+every epoch, for as many epochs as the steps take), repeats and batches with random access, so
+batch `step` is `dataset[step]` and a resumed run sees exactly the batches it would have seen,
+with no iterator state to save (the Orbax checkpoint's step is the loader's whole state). Each
+process reads only its own share of every global batch, and the global batch does not depend on
+the number of processes. A unit is a row of the arrays: a pair (padded layout) or a packed row.
 """
 
 import grain
@@ -35,11 +37,20 @@ def _process_share(dataset, global_batch_size):
     return dataset.batch(global_batch_size // jax.process_count(), drop_remainder=True)
 
 
-def train_batches(arrays, *, global_batch_size, seed):
-    """Endless shuffled batches (this process's rows of each global batch): index it by step."""
+def train_batches(arrays, *, global_batch_size, seed, mixture=None):
+    """Endless shuffled batches (this process's rows of each global batch): index it by step.
+
+    mixture: [(start, stop, weight)] of components (row ranges of `arrays`), each shuffled and
+    repeated on its own, then interleaved in proportion to the weights (grain's MapDataset.mix).
+    """
     if len(next(iter(arrays.values()))) < global_batch_size:
         raise ValueError(f"The training set has fewer examples than one global batch ({global_batch_size})")
-    dataset = grain.MapDataset.source(ArraySource(arrays)).shuffle(seed=seed).repeat()
+    source = grain.MapDataset.source(ArraySource(arrays))
+    if mixture is None:
+        dataset = source.shuffle(seed=seed).repeat()
+    else:
+        components = [source[start:stop].shuffle(seed=seed + i).repeat() for i, (start, stop, _) in enumerate(mixture)]
+        dataset = grain.MapDataset.mix(components, [weight for _, _, weight in mixture])
     return _process_share(dataset, global_batch_size)
 
 

@@ -65,14 +65,16 @@ def _init(config, seed, shardings):
     params = hf.read_params(config, config.init_from_hf, abstract_params, shardings)
     if config.lora_rank:
         # Only the adapters are outputs, so XLA drops the base weights' random initialisers.
-        adapters = jax.jit(lambda: create(nnx.LoRAParam), out_shardings=lora.adapters(shardings))()
+        adapter_shardings = None if shardings is None else lora.adapters(shardings)
+        adapters = jax.jit(lambda: create(nnx.LoRAParam), out_shardings=adapter_shardings)()
         params = _merge_trees(params, adapters)
     return params
 
 
 def init_params(model_config, *, seed, shardings):
-    """Parameters of `config.model` placed with `shardings`: read from `init_from_hf` (each tensor
-    straight to its shards), else randomly initialised from `seed`. LoRA adapters start from `seed`."""
+    """Parameters of `config.model` placed with `shardings` (None: one device): read from `init_from_hf`
+    (each tensor straight to its shards), else randomly initialised from `seed`. LoRA adapters start
+    from `seed`, with lora_b = 0 so they do not change the model until trained."""
     return _init(decoder_config(model_config), seed, shardings)
 
 
@@ -92,18 +94,16 @@ def load_hf(path, dtype="float32", *, param_dtype=None, lora_config=None, mesh=N
 
     dtype: compute dtype; param_dtype: storage dtype (default: dtype).
     lora_config: {"rank", "alpha", "targets"} to add fresh (zero-effect) LoRA adapters.
-    mesh: a `jax.sharding.Mesh` with dpo_jax's axes (data, fsdp, tensor) to shard the weights over
-        as they are read (default: one device).
+    mesh: a mesh from `dpo_jax.sharding.make_mesh` to shard the weights over as they are read, by
+        the logical axis rules of `dpo_jax.sharding` (default: the default device).
     """
     model_config = dict(init_from_hf=os.path.abspath(path), dtype=dtype, param_dtype=param_dtype or dtype)
     if lora_config is not None:
         model_config["lora"] = lora_config
     config = decoder_config(model_config)
     graphdef, abstract_params, logical_specs = _abstract(config)
-    if mesh is None:
-        mesh = sharding.make_mesh(dict(data=1, fsdp=1, tensor=1), devices=jax.devices()[:1])
-    params = _init(config, 0, sharding.param_shardings(abstract_params, logical_specs, mesh))
-    return nnx.merge(graphdef, params)
+    shardings = None if mesh is None else sharding.param_shardings(abstract_params, logical_specs, mesh)
+    return nnx.merge(graphdef, _init(config, 0, shardings))
 
 
 def save_hf(model, path, *, dtype=None, max_shard_bytes=5 * 2**30, source=None):

@@ -60,13 +60,14 @@ class HFConfig(dict):
             raise ValueError(f"{self.source}: required key {key!r} is missing")
         return self[key]
 
-    def unsupported(self, what):
-        return ValueError(f"{self.source}: {what} is not supported by dpo_jax.models")
+    def unsupported(self, what, supported=None):
+        known = f" (supported: {', '.join(supported)})" if supported else ""
+        return ValueError(f"{self.source}: {what} is not supported by dpo_jax.models{known}")
 
 
 def _activation(hf_config, name):
     if name not in HF_ACTIVATIONS:
-        raise hf_config.unsupported(f"activation {name!r} (supported: {sorted(HF_ACTIVATIONS)})")
+        raise hf_config.unsupported(f"activation {name!r}", sorted(HF_ACTIVATIONS))
     return HF_ACTIVATIONS[name]
 
 
@@ -94,7 +95,7 @@ def _rope_fields(hf_config, *, theta_keys=("rope_theta",), fraction_keys=("parti
                       rope_original_max_position_embeddings=int(params.get(
                           "original_max_position_embeddings", hf_config.need("max_position_embeddings"))))
     elif rope_type != "default":
-        raise hf_config.unsupported(f"rope type {rope_type!r} (supported: default, linear, llama3)")
+        raise hf_config.unsupported(f"rope type {rope_type!r}", ("default", "linear", "llama3"))
     return fields
 
 

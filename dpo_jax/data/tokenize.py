@@ -1,0 +1,172 @@
+"""Examples -> token ids with exact prompt/response boundaries.
+
+The model sees `prompt_ids + response_ids`, where each part is encoded on its own (so the prompt's
+ids are the same for both responses, and what is scored is exactly the response's ids):
+  - BOS once: prepended to the prompt when the tokenizer's own post-processor would add one (Llama,
+    Gemma; not GPT-2), unless the prompt already starts with it (a chat template that renders it);
+  - EOS once: appended to each response unless it already ends with an end-of-generation token; an
+    end-of-generation token inside a response is an error (it would end generation there);
+  - the boundary check (`check_boundaries`, on by default; it costs one more encode per response)
+    asserts that `prompt_ids + response_ids` is also how the tokenizer encodes the text
+    prompt + response as a whole, i.e. no token would span the boundary and no space is added or
+    lost at it; an example that fails is reported with its source file and line.
+Chat examples (`prompt_messages`) are rendered with the checkpoint's Jinja chat template: the
+prompt with the generation prompt, the response as what the template adds for the final assistant
+message, ending at its end-of-turn token. Pad ids never matter: masks come from lengths.
+"""
+
+import dataclasses
+import json
+import os
+from typing import List, Optional, Sequence
+
+import numpy as np
+import tokenizers
+
+from dpo_jax import models
+from dpo_jax.data import records
+
+
+@dataclasses.dataclass
+class Tokenized:
+    """Token ids of a split: per example the prompt and one (SFT) or two (chosen, rejected) responses."""
+    prompts: List[List[int]]
+    responses: List[List[List[int]]]  # [example][0: chosen, 1: rejected]
+    sources: List[str]
+    bos_id: Optional[int]  # the prompt's first token when the tokenizer adds a BOS (kept by truncation)
+
+
+def load(path):
+    """The tokenizer of `path`: a Hugging Face model directory, or its tokenizer.json."""
+    if os.path.isfile(path):
+        if os.path.basename(path) != "tokenizer.json":
+            raise ValueError(f"config.data.tokenizer={path!r}: expected a model directory or its tokenizer.json")
+        path = os.path.dirname(path) or "."
+    tokenizer = models.load_tokenizer(path)
+    if tokenizer.token_id(tokenizer.eos_token) is None:
+        raise ValueError(f"The tokenizer in {path} defines no eos_token (tokenizer_config.json), "
+                         "so responses cannot be ended")
+    return tokenizer
+
+
+def train_byte_level_bpe(texts, output_dir, *, vocab_size=8192, eos_token="<|endoftext|>"):
+    """Trains a GPT-2-style byte-level BPE on `texts` and saves it as a model directory (deterministic).
+
+    `eos_token` is its one special token (as GPT-2: end of text, no BOS). Returns the directory,
+    which `load` and `config.data.tokenizer` accept.
+    """
+    tokenizer = tokenizers.Tokenizer(tokenizers.models.BPE())
+    tokenizer.pre_tokenizer = tokenizers.pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = tokenizers.decoders.ByteLevel()
+    trainer = tokenizers.trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=[eos_token], show_progress=False,
+        initial_alphabet=tokenizers.pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(texts, trainer=trainer)
+    os.makedirs(output_dir, exist_ok=True)
+    tokenizer.save(os.path.join(output_dir, "tokenizer.json"))
+    with open(os.path.join(output_dir, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump({"eos_token": eos_token, "bos_token": eos_token, "model_max_length": 1 << 20}, f)
+    return output_dir
+
+
+def _added_bos(tokenizer):
+    """The BOS id the tokenizer's post-processor puts before a text, or None (GPT-2 style)."""
+    with_specials = tokenizer.tokenizer.encode("", add_special_tokens=True).ids
+    bos_id = tokenizer.bos_id
+    return bos_id if bos_id is not None and with_specials[:1] == [bos_id] else None
+
+
+def _render_chat(tokenizer, messages, response, location):
+    """(prompt text, response text) of a chat example: the response is what the template adds for it."""
+    prompt = tokenizer.apply_chat_template(messages, add_generation_prompt=True)
+    full = tokenizer.apply_chat_template(messages + [{"role": "assistant", "content": response}])
+    if not full.startswith(prompt):
+        raise records.BadExample(location, "chat template boundary",
+                                 "the rendering with the response does not start with the prompt's rendering "
+                                 f"(prompt ends {prompt[-40:]!r}, full text there {full[len(prompt) - 40:len(prompt)]!r})")
+    return prompt, full[len(prompt):]
+
+
+def _texts(example, tokenizer, use_chat_template):
+    """(prompt text, [response texts]) of an example (chosen, and rejected when it has one)."""
+    responses = [example["chosen"]] + ([example["rejected"]] if example["rejected"] else [])
+    messages = example["prompt_messages"]
+    if messages and (use_chat_template or not example["prompt"]):
+        if not tokenizer.chat_template:
+            raise records.BadExample(example["source"], "chat example without a chat template",
+                                     f"the tokenizer in {tokenizer.path} has none")
+        rendered = [_render_chat(tokenizer, messages, response, example["source"]) for response in responses]
+        return rendered[0][0], [text for _, text in rendered]
+    return example["prompt"], responses
+
+
+def _boundary_error(location, prompt_ids, response_ids, joint_ids, tokenizer):
+    first = next(i for i, (a, b) in enumerate(zip(prompt_ids + response_ids, joint_ids + [None])) if a != b)
+    around = slice(max(first - 2, 0), first + 3)
+    show = lambda ids: [tokenizer.tokenizer.id_to_token(i) for i in ids[around]]
+    return records.BadExample(
+        location, "token boundary",
+        f"prompt and response encoded apart give {show(prompt_ids + response_ids)} at token {first}, encoded "
+        f"together {show(joint_ids)} (prompt has {len(prompt_ids)} tokens); set data.check_boundaries=False "
+        "to train on the separate encodings anyway")
+
+
+def tokenize(examples: Sequence[dict], tokenizer, *, bad, check_boundaries=True, use_chat_template=False,
+             need_rejected=True):
+    """`Tokenized` ids of `examples`; bad ones go to `bad.handle` (raised or counted).
+
+    need_rejected: the examples must be pairs (DPO); an example without a rejected response is bad.
+    """
+    inner = tokenizer.tokenizer
+    eos_id = tokenizer.token_id(tokenizer.eos_token)
+    end_ids = set(tokenizer.eos_ids) | {eos_id}
+    bos_id = _added_bos(tokenizer)
+    kept, prompts, responses = [], [], []
+    for example in examples:
+        try:
+            if need_rejected and not example["rejected"]:
+                raise records.BadExample(example["source"], "no rejected response",
+                                         "this split holds SFT examples, not preference pairs")
+            prompt, texts = _texts(example, tokenizer, use_chat_template)
+        except records.BadExample as error:
+            bad.handle(error)
+            continue
+        kept.append(example)
+        prompts.append(prompt)
+        responses.append(texts)
+    encode = lambda texts: [e.ids for e in inner.encode_batch(list(texts), add_special_tokens=False)]
+    prompt_ids = encode(prompts)
+    response_ids = encode([text for texts in responses for text in texts])
+    joint_ids = encode([p + text for p, texts in zip(prompts, responses) for text in texts]) if check_boundaries \
+        else [None] * len(response_ids)
+    starts = np.cumsum([0] + [len(texts) for texts in responses])
+    result = Tokenized([], [], [], bos_id)
+    for i, (example, ids) in enumerate(zip(kept, prompt_ids)):
+        location = example["source"]
+        chat = example["prompt_messages"] and prompts[i] != example["prompt"]
+        try:
+            example_responses = []
+            for response, joint in zip(response_ids[starts[i]:starts[i + 1]], joint_ids[starts[i]:starts[i + 1]]):
+                if joint is not None and ids + response != joint:
+                    raise _boundary_error(location, ids, response, joint, tokenizer)
+                if chat:  # the response ends at the template's end-of-turn token (what generation emits)
+                    ends = [j for j, token in enumerate(response) if token in end_ids]
+                    response = response[:ends[-1] + 1] if ends else response
+                if any(token in end_ids for token in response[:-1]):
+                    raise records.BadExample(location, "end-of-generation token inside a response",
+                                             f"{[inner.id_to_token(t) for t in response if t in end_ids]}")
+                if not response or response[-1] not in end_ids:
+                    response = response + [eos_id]
+                example_responses.append(response)
+            if bos_id is not None and ids[:1] != [bos_id]:
+                ids = [bos_id] + ids
+            if not ids:
+                raise records.BadExample(location, "empty prompt",
+                                         "the first response token needs a prompt token before it (or a BOS)")
+        except records.BadExample as error:
+            bad.handle(error)
+            continue
+        result.prompts.append(ids)
+        result.responses.append(example_responses)
+        result.sources.append(location)
+    return result

@@ -1,0 +1,57 @@
+"""The precomputed reference: its log-probs for a whole dataset, computed once and cached.
+
+With `config.dpo.reference = 'precomputed'` training holds no reference model at all: a first
+pass runs the reference over every pair and stores the two sequence log-probs per pair in
+`<cache dir>/<key>.npz`. The key is a fingerprint of the token arrays (so of the dataset and its
+tokenisation and truncation settings) and of the reference parameters, so a later run with the
+same data and reference reuses the file, and any change to either recomputes it.
+"""
+
+import hashlib
+import os
+
+import jax
+import numpy as np
+import tqdm
+from absl import logging
+
+from dpo_jax import fingerprints, sharding, steps
+from dpo_jax.data import loader
+
+
+def _compute(arrays, params, *, graphdef, mesh, param_shardings, batch_size, desc):
+    num_pairs = len(next(iter(arrays.values())))  # units: pairs, or packed rows of pairs
+    padded = -num_pairs % batch_size  # the last batch is completed with copies of pair 0, then dropped
+    arrays = {key: np.concatenate([value, np.repeat(value[:1], padded, axis=0)]) for key, value in arrays.items()}
+    compute = jax.jit(lambda p, batch: steps.reference_logps(p, batch, graphdef=graphdef),
+                      in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
+                      out_shardings=sharding.replicated(mesh))
+    outputs = [jax.device_get(compute(params, sharding.global_batch(local_batch, mesh)))
+               for local_batch in tqdm.tqdm(loader.eval_batches(arrays, global_batch_size=batch_size), desc=desc,
+                                            disable=jax.process_index() != 0)]
+    return {key: np.concatenate([out[key] for out in outputs])[:num_pairs] for key in outputs[0]}
+
+
+def with_reference_logps(splits, params, *, graphdef, mesh, param_shardings, batch_size, cache_dir):
+    """Each split's arrays plus `reference_chosen_logps` / `reference_rejected_logps` [pairs] float32."""
+    key = hashlib.sha256("".join([fingerprints.params_fingerprint(params)] + [
+        f"{name}:{fingerprints.arrays_fingerprint(arrays)}" for name, arrays in sorted(splits.items())
+    ]).encode()).hexdigest()[:32]
+    path = os.path.join(cache_dir, f"{key}.npz")
+    if os.path.exists(path):
+        logging.info("Reference log-probs from %s", path)
+        with np.load(path) as cached:
+            logps = {name: {k[len(name) + 1:]: cached[k] for k in cached.files if k.startswith(name + "/")}
+                     for name in splits}
+    else:
+        logps = {name: _compute(arrays, params, graphdef=graphdef, mesh=mesh, param_shardings=param_shardings,
+                                batch_size=batch_size, desc=f"reference log-probs ({name})")
+                 for name, arrays in splits.items()}
+        if jax.process_index() == 0:
+            os.makedirs(cache_dir, exist_ok=True)
+            flat = {f"{name}/{k}": v for name, split in logps.items() for k, v in split.items()}
+            with open(path + ".tmp", "wb") as f:
+                np.savez(f, **flat)
+            os.replace(path + ".tmp", path)
+            logging.info("Reference log-probs written to %s", path)
+    return {name: {**arrays, **logps[name]} for name, arrays in splits.items()}

@@ -1,0 +1,142 @@
+"""The decoder: masks (padding, packing, prefix sharing, sliding window), config checks, axis names, presets."""
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from configs import common
+from dpo_jax import models
+
+FAMILIES = ["tiny", "tiny-gpt_neox", "tiny-gptj", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma"]
+
+
+def random_model(preset, seed=0, **overrides):
+    """A tiny model whose every parameter (biases and norms included) is random, so each one matters.
+
+    Drawn with numpy (nothing to compile); LoRA adapters start fresh (lora_b = 0). Shared with
+    test_hf, test_sampling and test_lora (`from test_models import random_model, run`).
+    """
+    graphdef, abstract_params, _ = models.abstract_model(common.model_config(preset, **overrides))
+    rng = np.random.RandomState(seed)
+
+    def sample(path, leaf):
+        name = path[-1].key
+        if name == "lora_b":
+            return jnp.zeros(leaf.shape, leaf.dtype)
+        return jnp.asarray((name == "scale") + 0.1 * rng.standard_normal(leaf.shape), leaf.dtype)
+
+    return nnx.merge(graphdef, jax.tree_util.tree_map_with_path(sample, abstract_params))
+
+
+_apply = jax.jit(models.apply, static_argnums=0, static_argnames="use_lora")
+
+
+def run(model, input_ids, **kwargs):
+    """The model's logits, compiled (op-by-op dispatch of a whole model is slow)."""
+    graphdef, params = nnx.split(model, nnx.Param)
+    return _apply(graphdef, params, input_ids, **kwargs)
+
+
+def tokens(shape, seed=0, vocab=64):
+    return jnp.asarray(np.random.RandomState(seed).randint(0, vocab, shape), jnp.int32)
+
+
+@pytest.mark.parametrize("preset", FAMILIES)
+def test_packed_sequences_equal_separate_runs(preset):
+    model = random_model(preset)
+    first, second = tokens((1, 5), seed=1), tokens((1, 7), seed=2)
+    packed = jnp.concatenate([first, second, tokens((1, 4), seed=3)], axis=1)  # 4 padding tokens at the end
+    segment_ids = jnp.asarray([[1] * 5 + [2] * 7 + [0] * 4])
+    positions = jnp.asarray([list(range(5)) + list(range(7)) + list(range(4))])
+    logits = run(model, packed, positions=positions, segment_ids=segment_ids)
+    np.testing.assert_allclose(logits[:, :5], run(model, first), atol=1e-5)
+    np.testing.assert_allclose(logits[:, 5:12], run(model, second), atol=1e-5)
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama"])
+def test_right_padding_leaves_real_tokens_unchanged(preset):
+    model = random_model(preset)
+    real = tokens((2, 6), seed=4)
+    padded = jnp.concatenate([real, tokens((2, 3), seed=5)], axis=1)
+    segment_ids = jnp.asarray([[1] * 6 + [0] * 3] * 2)
+    np.testing.assert_allclose(run(model, padded, segment_ids=segment_ids)[:, :6], run(model, real), atol=1e-5)
+
+
+def test_explicit_mask_shares_a_prompt_between_two_responses():
+    """Prefix sharing: [prompt, response A, response B] in one row, B attending to the prompt but not A."""
+    model = random_model("tiny-llama")
+    prompt, response_a, response_b = tokens((1, 4), seed=6), tokens((1, 3), seed=7), tokens((1, 5), seed=8)
+    row = jnp.concatenate([prompt, response_a, response_b], axis=1)
+    positions = jnp.asarray([list(range(4)) + list(range(4, 7)) + list(range(4, 9))])
+    causal = np.tril(np.ones((12, 12), bool))
+    mask = causal.copy()
+    mask[7:, 4:7] = False  # B does not see A
+    logits = run(model, row, positions=positions, mask=jnp.asarray(mask[None]))
+    np.testing.assert_allclose(logits[:, 7:], run(model, jnp.concatenate([prompt, response_b], axis=1))[:, 4:],
+                               atol=1e-5)
+    np.testing.assert_allclose(logits[:, :7], run(model, jnp.concatenate([prompt, response_a], axis=1)), atol=1e-5)
+
+
+def test_sliding_window_sees_only_the_last_window_positions():
+    """With one layer, the last token's logits depend only on the last `window` tokens (at their positions)."""
+    window, length = 4, 11
+    model = random_model("tiny-mistral", num_layers=1, sliding_window=window)
+    sequence = tokens((1, length), seed=9)
+    positions = jnp.arange(length - window, length)[None]
+    tail = run(model, sequence[:, -window:], positions=positions)
+    np.testing.assert_allclose(run(model, sequence)[:, -1], tail[:, -1], atol=1e-5)
+    full_attention = random_model("tiny-mistral", num_layers=1, sliding_window=0)
+    assert not np.allclose(run(full_attention, sequence)[:, -1],
+                           run(full_attention, sequence[:, -window:], positions=positions)[:, -1], atol=1e-3)
+
+
+def test_remat_gives_the_same_logits():
+    model = random_model("tiny-llama")
+    remat_model = random_model("tiny-llama", remat=True)  # the same seed: the same parameters
+    x = tokens((2, 9), seed=10)
+    np.testing.assert_allclose(run(remat_model, x), run(model, x), atol=1e-6)
+
+
+def test_parameters_carry_the_logical_axis_names():
+    _, abstract_params, specs = models.abstract_model(common.model_config("tiny-llama", lora=dict(
+        rank=4, alpha=8.0, targets=("query", "down"))))
+    names = {name for spec in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
+             for name in spec}
+    assert names <= {"vocab", "embed", "heads", "kv_heads", "mlp", None}
+    attention = specs["blocks"][0]["attention"]
+    assert tuple(attention["query"]["kernel"]) == ("embed", "heads")
+    assert tuple(attention["key"]["kernel"]) == ("embed", "kv_heads")
+    assert tuple(attention["query"]["lora_a"]) == ("embed", None)
+    assert tuple(specs["blocks"][0]["mlp"]["down"]["lora_b"]) == (None, "embed")
+    assert tuple(specs["token_embedding"]["embedding"]) == ("vocab", "embed")
+    assert "lora_a" not in attention["key"]  # not a target
+    assert abstract_params["blocks"][0]["attention"]["key"]["kernel"].shape == (64, 2 * 16)  # grouped-query
+
+
+@pytest.mark.parametrize("overrides, culprit", [
+    (dict(activation="swishy"), "model.activation"),
+    (dict(num_kv_heads=3), "model.num_kv_heads"),
+    (dict(rope_scaling="yarn"), "model.rope_scaling"),
+    (dict(shared_block_norm=True), "model.shared_block_norm"),
+    (dict(lora=dict(rank=2, alpha=1.0, targets=("q_proj",))), "model.lora.targets"),
+])
+def test_bad_config_names_the_field(overrides, culprit):
+    with pytest.raises(ValueError, match=culprit.replace(".", r"\.")):
+        models.decoder_config(common.model_config("tiny", **overrides))
+
+
+@pytest.mark.parametrize("preset, published", [
+    ("gpt2", 124_439_808),            # GPT2LMHeadModel, tied
+    ("pythia-2.8b", 2_775_208_960),
+    ("llama-3.1-8b", 8_030_261_248),
+    ("mistral-7b-v0.1", 7_241_732_096),
+    ("qwen2.5-0.5b", 494_032_768),
+    ("gemma-2b", 2_506_172_416),
+])
+def test_presets_have_the_published_parameter_counts(preset, published):
+    _, abstract_params, _ = models.abstract_model(common.model_config(preset))
+    assert sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params)) == published
