@@ -176,6 +176,7 @@ def base_config():
         weight_decay=0.0,                     # adamw decoupled weight decay
         grad_clip_norm=1.0,                   # global-norm gradient clipping (0 = off)
         grad_accum_steps=1,                   # micro-batches per step (gradient accumulation; same update)
+        max_nonfinite_steps=10,               # stop after this many steps in a row with a non-finite loss/gradient
         log_every_steps=10,                   # train metrics to metrics.jsonl / TensorBoard
     ))
 
@@ -214,8 +215,11 @@ def base_config():
     ))
 
     config.checkpoint = ml_collections.ConfigDict(dict(
-        every_steps=50,                       # save every N steps (and at the end of a stage)
-        max_to_keep=2,                        # checkpoints kept per stage
+        every_steps=50,                       # save every N steps (and at the end of a stage, and on SIGTERM)
+        every_minutes=0.0,                    # also save when this many minutes passed since the last save (0 = off)
+        max_to_keep=2,                        # the latest checkpoints kept per stage
+        best_metric="",                       # also keep the best checkpoint by this eval metric (e.g. loss)
+        best_mode="min",                      # min | max: which value of best_metric is best
     ))
 
     config.mesh = ml_collections.ConfigDict(dict(

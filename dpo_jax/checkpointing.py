@@ -1,15 +1,29 @@
 """Orbax checkpoints of the train state; the only module that imports orbax.
 
-One `CheckpointManager` per stage under `<workdir>/checkpoints/<stage>/`. Saves are asynchronous
-(training goes on while a checkpoint is written) and every process writes its own shards.
-Restores take abstract arrays with shardings, so a checkpoint restores straight onto the
-current mesh, each process reading only its shards.
+One `CheckpointManager` per stage under `<workdir>/checkpoints/<stage>/`.
+- Saves are asynchronous (training goes on while a checkpoint is written) and atomic: Orbax
+  writes into a temporary directory and renames it when complete, so a run killed mid-write
+  leaves the previous checkpoints as they were.
+- A save happens every N steps, every T minutes (if set), at a preemption, and when forced.
+- Kept: the last K checkpoints, plus the best one by an eval metric (if set).
+- Restores take abstract arrays with shardings, so a checkpoint restores straight onto the
+  current mesh, each process reading only its shards. A checkpoint that fails to restore
+  (truncated, missing files, a different tree) is moved aside to `<checkpoints>/quarantine/` (never
+  deleted) and the next newest is tried.
 """
 
 import os
+import shutil
+import time
 
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
+from orbax.checkpoint import checkpoint_managers as policies
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint could not be written or none could be restored."""
 
 
 def with_shardings(abstract_tree, shardings):
@@ -24,39 +38,112 @@ def _restore_args(abstract_tree, *, partial=False):
                                   partial_restore=partial)
 
 
+def _check_complete(restored, abstract_tree):
+    """Orbax fills leaves missing from a partial restore with their abstract values: a checkpoint
+    of another tree must not pass for this one."""
+    for (path, got), want in zip(jax.tree_util.tree_leaves_with_path(restored), jax.tree.leaves(abstract_tree)):
+        name = jax.tree_util.keystr(path)
+        if not isinstance(got, jax.Array):
+            raise ValueError(f"the checkpoint has no array {name} (a different model?)")
+        if (got.shape, got.dtype) != (want.shape, want.dtype):
+            raise ValueError(f"the checkpoint's {name} is {got.shape} {got.dtype}, expected {want.shape} {want.dtype}")
+    return restored
+
+
 class StageCheckpoints:
     """Save / restore the train state of one stage."""
 
-    def __init__(self, directory, *, max_to_keep=None, save_every_steps=1):
+    def __init__(self, directory, *, max_to_keep=None, save_every_steps=1, save_every_minutes=0.0,
+                 best_metric="", best_mode="min"):
         self.directory = os.path.abspath(directory)
+        save_policies = [policies.FixedIntervalPolicy(save_every_steps), policies.PreemptionCheckpointingPolicy()]
+        if save_every_minutes:
+            save_policies.append(policies.ContinuousCheckpointingPolicy(
+                minimum_interval_secs=int(save_every_minutes * 60)))
+        keep = [policies.LatestN(max_to_keep)]
+        if best_metric:
+            keep.append(policies.BestN(get_metric_fn=lambda metrics: metrics[best_metric], n=1,
+                                       reverse=best_mode == "min", keep_checkpoints_without_metrics=False))
         options = ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep, save_interval_steps=save_every_steps, create=True,
+            save_decision_policy=policies.AnySavePolicy(save_policies),
+            preservation_policy=policies.AnyPreservationPolicy(keep), create=True,
             enable_async_checkpointing=True)
-        self._manager = ocp.CheckpointManager(self.directory, options=options)
+        # One item per checkpoint, declared rather than inferred from what a step directory holds,
+        # so that a damaged step cannot change how the others are read.
+        self._manager = ocp.CheckpointManager(self.directory, options=options,
+                                              item_handlers=ocp.PyTreeCheckpointHandler())
 
     def latest_step(self):
         return self._manager.latest_step()
 
-    def save(self, step, state, *, force=False):
-        """Starts an asynchronous save if `step` is a save step (or `force`); returns whether it did."""
-        return self._manager.save(step, args=ocp.args.PyTreeSave(state), force=force)
+    def all_steps(self):
+        return list(self._manager.all_steps())
 
-    def restore(self, abstract_state, step=None):
-        """The state saved at `step` (default: the latest), placed as `abstract_state`'s shardings say."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}")
-        return self._manager.restore(step, args=_restore_args(abstract_state))
+    def reached_preemption(self, step):
+        """True on every process at the same step once any process got a preemption notice
+        (multi-process runs; JAX's preemption service propagates SIGTERM)."""
+        return self._manager.reached_preemption(step)
 
-    def restore_params(self, abstract_params, step=None):
-        """Only the `params` of a saved train state (e.g. to start a new stage from them)."""
-        step = self.latest_step() if step is None else step
-        if step is None:
-            raise FileNotFoundError(f"No checkpoint in {self.directory}")
-        return self._manager.restore(step, args=_restore_args({"params": abstract_params}, partial=True))["params"]
+    def save(self, step, state, *, metrics=None, force=False):
+        """Starts an asynchronous save if the policies say so (or `force`); returns whether it did.
+
+        A failure of an earlier asynchronous save surfaces here or in `wait` as CheckpointError;
+        the checkpoints written before it are intact.
+        """
+        try:
+            return self._manager.save(step, args=ocp.args.PyTreeSave(state), metrics=metrics, force=force)
+        except Exception as error:  # noqa: BLE001 - any write failure is reported the same way
+            raise self._write_error(step, error) from error
 
     def wait(self):
-        self._manager.wait_until_finished()
+        try:
+            self._manager.wait_until_finished()
+        except Exception as error:  # noqa: BLE001
+            raise self._write_error(None, error) from error
+
+    def _write_error(self, step, error):
+        done = [s for s in self._manager.all_steps() if step is None or s < step]
+        kept = f"the checkpoint of step {max(done)} is intact" if done else "no earlier checkpoint exists"
+        return CheckpointError(f"Could not write a checkpoint to {self.directory} (disk full or not writable?): "
+                               f"{type(error).__name__}: {error}. {kept}.")
+
+    def _quarantine(self, step, error):
+        """Moves a checkpoint that failed to restore out of the way, keeping its files."""
+        quarantine = os.path.join(os.path.dirname(self.directory), "quarantine")
+        target = os.path.join(quarantine, f"{os.path.basename(self.directory)}-{step}-{int(time.time())}")
+        logging.warning("Checkpoint %s/%d does not restore (%s: %s); moved to %s, trying an older one",
+                        self.directory, step, type(error).__name__, str(error).splitlines()[0][:300], target)
+        if jax.process_index() == 0:
+            os.makedirs(quarantine, exist_ok=True)
+            shutil.move(os.path.join(self.directory, str(step)), target)
+        self._manager.reload()
+
+    def _restore_newest_good(self, restore_one):
+        """Tries the checkpoints newest first; those newer than the first that restores are moved
+        aside. If none restores, nothing is moved (the fault may not be the checkpoints')."""
+        errors = []
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                restored = restore_one(step)
+            except Exception as error:  # noqa: BLE001 - whatever is wrong with it, it is not loaded
+                errors.append((step, error))
+                continue
+            for bad_step, error in errors:
+                self._quarantine(bad_step, error)
+            return restored
+        detail = "; ".join(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
+                           for step, error in errors) or "it holds no checkpoint"
+        raise CheckpointError(f"No checkpoint in {self.directory} restores ({detail})")
+
+    def restore(self, abstract_state):
+        """The newest train state that restores, placed as `abstract_state`'s shardings say."""
+        return self._restore_newest_good(lambda step: _check_complete(
+            self._manager.restore(step, args=_restore_args(abstract_state)), abstract_state))
+
+    def restore_params(self, abstract_params):
+        """Only the `params` of the newest saved train state that restores."""
+        return self._restore_newest_good(lambda step: _check_complete(self._manager.restore(
+            step, args=_restore_args({"params": abstract_params}, partial=True))["params"], abstract_params))
 
     def close(self):
         self._manager.close()
@@ -65,7 +152,7 @@ class StageCheckpoints:
 def restore_params(directory, abstract_params):
     """The params of the newest checkpoint in a stage's checkpoint directory."""
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"Checkpoint directory {directory} does not exist")
+        raise CheckpointError(f"Checkpoint directory {directory} does not exist")
     checkpoints = StageCheckpoints(directory)
     try:
         return checkpoints.restore_params(abstract_params)

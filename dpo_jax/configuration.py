@@ -14,8 +14,9 @@ from dpo_jax import losses
 
 STAGES = ("sft", "dpo")
 RESUMABLE_CHANGES = ("sft.num_steps", "dpo.num_steps", "eval.every_steps", "checkpoint.every_steps",
-                     "checkpoint.max_to_keep", "train.log_every_steps", "mesh.dcn", "mesh.data", "mesh.fsdp",
-                     "mesh.tensor")
+                     "checkpoint.max_to_keep", "checkpoint.every_minutes", "checkpoint.best_metric",
+                     "checkpoint.best_mode", "train.log_every_steps", "train.max_nonfinite_steps",
+                     "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor")
 # Sub-trees whose keys are free-form (checked by the code that reads them).
 OPEN_KEYS = ("dpo.loss_options",)
 
@@ -95,6 +96,10 @@ def validate(config):
     _check(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
     _check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
     _check(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0")
+    _check(config.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
+    _check(config.checkpoint.best_mode in ("min", "max"), "checkpoint.best_mode",
+           f"must be min or max, got {config.checkpoint.best_mode!r}")
+    _check(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
 
     _validate_data(config)
 

@@ -2,8 +2,9 @@
 
 Everything here takes arrays and returns arrays: no side effects, no host callbacks, so each
 function works under `jax.jit`, `jax.grad`, `jax.vmap`, `jax.pmap` and `jax.shard_map`, and can be
-imported into other JAX code on its own. Inputs may be bfloat16; all arithmetic is done in float32.
-Arguments are checked in Python at trace time (shapes and static hyperparameters only), and a bad
+imported into other JAX code on its own. Inputs may be bfloat16; all arithmetic is done in float32,
+in log-sigmoid / softplus forms, so losses and gradients stay finite for any finite log-probs (tested
+up to 1e9 in magnitude). Arguments are checked in Python at trace time (shapes and static hyperparameters only), and a bad
 one raises ValueError naming it.
 
     losses, metrics = preference_loss(policy_chosen_logps, policy_rejected_logps,
@@ -353,10 +354,10 @@ def _sigmoid_norm(pair: _Pair, beta: float, label_smoothing: float) -> Array:
 
 
 def _simpo(pair: _Pair, beta: float, label_smoothing: float, *, simpo_gamma: float = 0.5) -> Array:
-    """SimPO (Meng et al. 2024, arXiv:2405.14734), reference-free: -log s(b (log pi(y_w) / |y_w| -
+    """SimPO (Meng et al. 2024, arXiv:2405.14734), reference-free and length-normalised:
 
-    log pi(y_l) / |y_l|) - gamma), gamma = `simpo_gamma` a target reward margin (cDPO form with eps > 0).
-    The paper's beta is 2 to 10, far above DPO's 0.1 default: set beta.
+    -log s(b (log pi(y_w) / |y_w| - log pi(y_l) / |y_l|) - gamma), gamma = `simpo_gamma`, a target
+    reward margin (cDPO form with eps > 0). The paper's beta is 2 to 10, far above DPO's 0.1: set it.
     """
     _check_option(isinstance(simpo_gamma, numbers.Real) and math.isfinite(simpo_gamma), "simpo_gamma", simpo_gamma,
                   "a finite number")
@@ -376,9 +377,10 @@ def _log_odds(average_logps: Array) -> Array:
 
 
 def _orpo(pair: _Pair, beta: float) -> Array:
-    """ORPO (Hong et al. 2024, arXiv:2403.07691), reference-free: NLL(y_w) / |y_w| - b log s(log odds(y_w) -
+    """ORPO (Hong et al. 2024, arXiv:2403.07691), reference-free, SFT plus an odds-ratio term:
 
-    log odds(y_l)), odds(y) = p / (1 - p) with p = exp(log pi(y) / |y|); beta plays the paper's lambda (as in TRL).
+    NLL(y_w) / |y_w| - b log s(log odds(y_w) - log odds(y_l)), odds(y) = p / (1 - p) with
+    p = exp(log pi(y) / |y|); beta plays the paper's lambda (0.1 there), as in TRL.
     """
     chosen, rejected = pair.average_logps()
     return pair.chosen_nll() - beta * jax.nn.log_sigmoid(_log_odds(chosen) - _log_odds(rejected))
@@ -394,7 +396,11 @@ def _sft(pair: _Pair, beta: float) -> Array:
 
 
 def _rpo(pair: _Pair, beta: float, label_smoothing: float, *, rpo_alpha: float = 1.0) -> Array:
-    """RPO / DPO+NLL (Pang et al. 2024, arXiv:2404.19733): -log s(b m) + alpha NLL(y_w) / |y_w|, alpha = `rpo_alpha`."""
+    """RPO / DPO+NLL (Pang et al. 2024, arXiv:2404.19733): -log s(b m) + alpha NLL(y_w) / |y_w|.
+
+    alpha = `rpo_alpha` (1 in the paper, which divides the NLL by prompt plus response length; here by
+    the response's own tokens, TRL by all chosen tokens of the batch); cDPO form with eps > 0.
+    """
     _check_option(isinstance(rpo_alpha, numbers.Real) and rpo_alpha >= 0, "rpo_alpha", rpo_alpha, ">= 0")
     return _sigmoid(pair, beta, label_smoothing) + rpo_alpha * pair.chosen_nll()
 

@@ -15,7 +15,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dpo_jax import train  # noqa: E402
+from dpo_jax import checkpointing, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
@@ -33,7 +33,8 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS
                                    "This process's index, with --coordinator_address ($JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
 
-HALTED_EXIT_CODE = 3
+HALTED_EXIT_CODE = 3     # --halt_after_steps reached, checkpoint written
+PREEMPTED_EXIT_CODE = 4  # SIGTERM received, checkpoint written
 
 
 def _cluster_environment():
@@ -68,6 +69,11 @@ def main(argv):
     except train.Halted as halted:
         logging.warning("%s", halted)
         sys.exit(HALTED_EXIT_CODE)
+    except train.Preempted as preempted:
+        logging.warning("%s", preempted)
+        sys.exit(PREEMPTED_EXIT_CODE)
+    except (train.NonFiniteError, checkpointing.CheckpointError) as error:
+        sys.exit(f"Error: {error}")
     except ValueError as error:  # a config or workdir problem: say it plainly, without a traceback
         sys.exit(f"Error: {error}")
     if jax.process_index() == 0:

@@ -36,11 +36,12 @@ class MetricWriter:
         os.replace(self._path + ".tmp", self._path)
         self._jsonl = open(self._path, "a", encoding="utf-8")
 
-    def write(self, stage, split, step, metrics):
+    def write(self, stage, split, step, metrics, **extra):
+        """One record; `extra` fields (e.g. example ids) go to metrics.jsonl only."""
         if not self.enabled:
             return
         record = {"stage": stage, "split": split, "step": int(step), **to_python(metrics)}
-        self._jsonl.write(json.dumps(record) + "\n")
+        self._jsonl.write(json.dumps({**record, **extra}) + "\n")
         self._jsonl.flush()
         for key, value in record.items():
             if key not in ("stage", "split", "step"):
@@ -60,6 +61,13 @@ def progress_bar(stage, start, total):
 
 
 def read_jsonl(path):
-    """All records of a metrics.jsonl file."""
+    """All records of a metrics.jsonl file; a torn last line (a run killed mid-write) is ignored."""
     with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+        lines = [line for line in f if line.strip()]
+    records = [json.loads(line) for line in lines[:-1]]
+    if lines:
+        try:
+            records.append(json.loads(lines[-1]))
+        except json.JSONDecodeError:
+            pass
+    return records

@@ -244,14 +244,19 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
         (loss, metrics, grads), weight = jax.lax.psum(((loss, metrics, grads), weight), axis_name)
     loss, metrics, grads = jax.tree.map(lambda x: x / weight, (loss, metrics, grads))
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    # A non-finite loss or gradient skips the update (the batch is still consumed), so one bad
+    # batch cannot poison the parameters; the host counts these steps from the `nonfinite` metric.
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
+    opt_state = keep_if_finite(opt_state, state.opt_state)
     ref_params = state.ref_params
     if reference_update is not None:
         tau, alpha = reference_update
         mixed = jax.tree.map(lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), params, ref_params)
         ref_params = jax.lax.cond((state.step + 1) % tau == 0, lambda: mixed, lambda: ref_params)
     metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": schedule(state.step)}
+               "learning_rate": schedule(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                          ref_params=ref_params), metrics
 

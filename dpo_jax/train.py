@@ -4,10 +4,12 @@ Sections: workdir / mesh / data / model and shardings / stage loop (state, steps
 evaluation, logging) / summary. This is the only module that wires the others together.
 """
 
+import collections
 import dataclasses
 import functools
 import json
 import os
+import signal
 import time
 from typing import Any, Callable, Optional
 
@@ -23,6 +25,76 @@ from dpo_jax.metrics import MetricWriter, progress_bar, read_jsonl, to_python
 
 class Halted(Exception):
     """Raised after `halt_after_steps` steps, once the checkpoint is safely written."""
+
+
+class Preempted(Exception):
+    """Raised after a preemption notice (SIGTERM), once the checkpoint is safely written."""
+
+
+class NonFiniteError(RuntimeError):
+    """Raised after `train.max_nonfinite_steps` steps in a row had a non-finite loss or gradient."""
+
+
+_SIGTERM_RECEIVED = []
+
+
+def _on_sigterm(signum, frame):
+    del signum, frame
+    _SIGTERM_RECEIVED.append(time.time())
+
+
+def _preempted(checkpoints, step):
+    """True once a preemption notice arrived: SIGTERM in a single process; across processes,
+    JAX's preemption service agrees on the step, so every process saves the same one."""
+    if jax.process_count() > 1:
+        return checkpoints.reached_preemption(step)
+    return bool(_SIGTERM_RECEIVED)
+
+
+class _LaggedMetrics:
+    """Reads step metrics `LAG` steps after their step was dispatched: writes the logged ones,
+    counts steps whose update was skipped as non-finite, and stops a run that keeps failing."""
+
+    LAG = 2
+
+    def __init__(self, stage, writer, bar, max_nonfinite_steps):
+        self.stage, self.writer, self.bar, self.max_nonfinite_steps = stage, writer, bar, max_nonfinite_steps
+        self.pending = collections.deque()
+        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.window_start, self.window_tokens = time.perf_counter(), 0
+
+    def push(self, step, metrics, example_ids, tokens, *, log):
+        self.pending.append((step, metrics, example_ids, tokens, log))
+        while len(self.pending) > self.LAG:
+            self._read(*self.pending.popleft())
+
+    def drain(self):
+        while self.pending:
+            self._read(*self.pending.popleft())
+
+    def _read(self, step, metrics, example_ids, tokens, log):
+        metrics = to_python(metrics)
+        self.window_tokens += tokens
+        if metrics.pop("nonfinite"):
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            ids = np.asarray(example_ids).tolist()
+            logging.warning("%s step %d: non-finite loss or gradient, update skipped (examples %s)",
+                            self.stage, step, ids)
+            self.writer.write(self.stage, "nonfinite", step, {"loss": metrics["loss"]}, example_ids=ids)
+            if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
+                raise NonFiniteError(
+                    f"{self.stage}: {self.nonfinite_in_a_row} steps in a row up to step {step} had a non-finite "
+                    f"loss or gradient (train.max_nonfinite_steps={self.max_nonfinite_steps}); their updates "
+                    f"were skipped, so the checkpoints hold the last good parameters. Last batch: examples {ids}")
+        else:
+            self.nonfinite_in_a_row = 0
+        if log:
+            now = time.perf_counter()
+            metrics["tokens_per_sec"] = self.window_tokens / max(now - self.window_start, 1e-9)
+            self.window_start, self.window_tokens = now, 0
+            self.writer.write(self.stage, "train", step, metrics)
+            self.bar.set_postfix(loss=f"{metrics['loss']:.4f}")
 
 
 def _read_summary(workdir):
@@ -76,6 +148,9 @@ def run(config, workdir, *, halt_after_steps=None):
     summary = _read_summary(workdir)
     writer = MetricWriter(workdir)
     budget = [halt_after_steps]  # steps this process may still take (None: unbounded)
+    _SIGTERM_RECEIVED.clear()
+    # Across processes JAX's preemption service handles SIGTERM; a single process catches it here.
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm) if jax.process_count() == 1 else None
     try:
         for stage in config.stages:
             params, summary[stage] = _run_stage(plan_stage(stage, config, mesh, model), config, workdir, mesh,
@@ -83,6 +158,8 @@ def run(config, workdir, *, halt_after_steps=None):
             _write_json(os.path.join(workdir, "summary.json"), summary)
     finally:
         writer.close()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     return summary
 
 
@@ -153,7 +230,8 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
 
     checkpoints = checkpointing.StageCheckpoints(
         os.path.join(workdir, "checkpoints", stage), max_to_keep=config.checkpoint.max_to_keep,
-        save_every_steps=config.checkpoint.every_steps)
+        save_every_steps=config.checkpoint.every_steps, save_every_minutes=config.checkpoint.every_minutes,
+        best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode)
     latest = checkpoints.latest_step()
     if done is not None and latest == stage_config.num_steps:  # finished in an earlier invocation
         params = checkpoints.restore_params(model.abstract_params)
@@ -171,6 +249,8 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
             param_shardings=model.param_shardings, batch_size=config.eval.batch_size,
             cache_dir=config.dpo.reference_cache_dir or os.path.join(workdir, "reference_logps"))
         train_arrays, eval_arrays = splits["train"], splits["eval"]
+    # Row indices travel with each batch (host side only), to name the examples of a bad step.
+    train_arrays = {**train_arrays, "example_id": np.arange(len(next(iter(train_arrays.values()))))}
 
     resumed = latest is not None
     if resumed:
@@ -209,39 +289,46 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
     num_steps = stage_config.num_steps
     eval_metrics = None if resumed else evaluate(0)  # a resumed run recorded its step-0 eval already
     bar = progress_bar(stage, start_step, num_steps)
+    # Step metrics are read a few steps late, so the host never waits for the device.
+    lagged = _LaggedMetrics(stage, writer, bar, config.train.max_nonfinite_steps)
     started, tokens = time.perf_counter(), 0
-    window_start, window_tokens = started, 0
-    for step in range(start_step, num_steps):
-        if budget[0] == 0:
-            if checkpoints.latest_step() != step:
-                checkpoints.save(step, state, force=True)
-            checkpoints.wait()
-            checkpoints.close()
-            bar.close()
-            raise Halted(f"{stage}: halted at step {step}; rerun the same command to resume")
-        local_batch = train_batches[step]
-        batch_tokens = jax.process_count() * int(sum(
-            np.count_nonzero(value) for key, value in local_batch.items() if key.endswith("segment_ids")))
-        state, metrics = train_step(state, sharding.global_batch(local_batch, mesh))
-        tokens += batch_tokens
-        window_tokens += batch_tokens
-        if budget[0] is not None:
-            budget[0] -= 1
-        completed = step + 1
-        bar.update(1)
-        if completed % config.train.log_every_steps == 0 or completed == num_steps:
-            metrics = to_python(metrics)  # fetching waits for the step, so the window times real work
-            now = time.perf_counter()
-            metrics["tokens_per_sec"] = window_tokens / max(now - window_start, 1e-9)
-            window_start, window_tokens = now, 0
-            writer.write(stage, "train", completed, metrics)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}")
-        if completed % config.eval.every_steps == 0 or completed == num_steps:
-            eval_metrics = evaluate(completed)
-        checkpoints.save(completed, state, force=completed == num_steps)
-    bar.close()
-    checkpoints.wait()
-    checkpoints.close()
+
+    def stop(exception):
+        """Saves the current step and raises; the checkpoint is complete before the process exits."""
+        if checkpoints.latest_step() != int(state.step):
+            checkpoints.save(int(state.step), state, force=True)
+        lagged.drain()
+        raise exception
+
+    try:
+        for step in range(start_step, num_steps):
+            if budget[0] == 0:
+                stop(Halted(f"{stage}: halted at step {step}; rerun the same command to resume"))
+            local_batch = dict(train_batches[step])
+            example_ids = local_batch.pop("example_id")
+            batch_tokens = jax.process_count() * int(sum(
+                np.count_nonzero(value) for key, value in local_batch.items() if key.endswith("segment_ids")))
+            state, metrics = train_step(state, sharding.global_batch(local_batch, mesh))
+            tokens += batch_tokens
+            if budget[0] is not None:
+                budget[0] -= 1
+            completed = step + 1
+            bar.update(1)
+            log = completed % config.train.log_every_steps == 0 or completed == num_steps
+            lagged.push(completed, metrics, example_ids, batch_tokens, log=log)
+            is_eval_step = completed % config.eval.every_steps == 0 or completed == num_steps
+            if is_eval_step:
+                eval_metrics = evaluate(completed)
+            with_best = bool(is_eval_step and config.checkpoint.best_metric)
+            checkpoints.save(completed, state, metrics=eval_metrics if with_best else None,
+                             force=completed == num_steps or with_best)
+            if _preempted(checkpoints, completed):
+                stop(Preempted(f"{stage}: preempted; saved step {completed}, rerun the same command to resume"))
+        lagged.drain()
+    finally:
+        bar.close()
+        checkpoints.wait()
+        checkpoints.close()
     wall = time.perf_counter() - started
 
     # ------------------------------------------------------------------------- summary
@@ -254,6 +341,7 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
         "wall_seconds": wall,  # of the invocation that finished the stage
         "tokens_per_sec": tokens / wall if tokens else None,
         "params_fingerprint": fingerprints.params_fingerprint(state.params),
+        "nonfinite_steps": lagged.nonfinite_total,  # skipped updates in the invocation that finished the stage
     }
 
 

@@ -45,8 +45,6 @@ CASES = [
 ]
 
 REFERENCE_FREE = ("simpo", "orpo", "sigmoid_ref_free", "sft")
-# Variants that couple the examples of a batch (they sort over it).
-BATCH_COUPLED = ("aot", "aot_unpaired")
 
 
 def case_id(case):

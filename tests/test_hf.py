@@ -320,7 +320,7 @@ def test_train_from_hf_then_export(tmp_path):
 
     exported = models.load_hf(tmp_path / "out")
     assert exported.config.hf_model_type == "llama"
-    graphdef, abstract_params, _ = models.abstract_model(common.model_config(init_from_hf=str(tmp_path / "start")))
+    _, abstract_params, _ = models.abstract_model(common.model_config(init_from_hf=str(tmp_path / "start")))
     trained = checkpointing.restore_params(str(workdir / "checkpoints" / "dpo"), checkpointing.with_shardings(
         abstract_params, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                                       abstract_params)))

@@ -125,3 +125,17 @@ def test_init_from_hf_adds_fresh_adapters_to_the_checkpoint(preset, tmp_path):
     assert jax.tree.structure(params) == jax.tree.structure(abstract_params)
     assert lora.has_adapters(params)
     np.testing.assert_allclose(run(nnx.merge(graphdef, params), _tokens()), run(base, _tokens()), atol=1e-6)
+
+
+def test_folding_makes_the_adapted_model_the_new_reference():
+    """LoRA-SFT then LoRA-DPO: the DPO reference (adapters off) must be the SFT model, not the base."""
+    _, adapted = _with_adapters()
+    graphdef, params = nnx.split(adapted, nnx.Param)
+    params = nnx.to_pure_dict(params)
+    sft_logits = run(adapted, _tokens())
+    model_config = common.model_config("tiny-llama", lora=LORA)
+    folded = models.fold_adapters(model_config, jax.tree.map(jnp.copy, params), seed=1, shardings=None)
+    assert not np.any(np.asarray(folded["blocks"][0]["attention"]["query"]["lora_b"]))  # fresh adapters
+    folded_model = nnx.merge(graphdef, folded)
+    np.testing.assert_allclose(run(folded_model, _tokens()), sft_logits, atol=1e-5)
+    np.testing.assert_allclose(run(folded_model, _tokens(), use_lora=False), sft_logits, atol=1e-5)

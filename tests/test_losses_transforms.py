@@ -2,12 +2,15 @@
 
 import functools
 import os
+import pickle
 
 import jax
 import numpy as np
 
+import losses_multidevice
 from conftest import run_python
-from loss_cases import BATCH_COUPLED, CASES, all_cases, case_id, loss_types_of, policy_gradients, random_inputs
+from dpo_jax import losses
+from loss_cases import CASES, all_cases, case_id, policy_gradients, random_inputs
 
 BETA = 0.3
 GROUPS, GROUP_SIZE = 4, 6
@@ -28,8 +31,8 @@ def test_jit_gives_the_eager_numbers_and_gradients():
 
 
 def test_vmap_over_groups_equals_a_loop_over_them():
-    inputs = random_inputs(seed=1, batch=GROUPS * GROUP_SIZE)
-    groups = {name: value.reshape(GROUPS, GROUP_SIZE) for name, value in inputs.items()}
+    groups = {name: value.reshape(GROUPS, GROUP_SIZE)
+              for name, value in random_inputs(seed=1, batch=GROUPS * GROUP_SIZE).items()}
     mapped = jax.jit(jax.vmap(functools.partial(all_cases, beta=BETA)))(groups)
     mapped_gradients = jax.jit(jax.vmap(functools.partial(policy_gradients, beta=BETA)))(groups)
     for group in range(GROUPS):
@@ -38,16 +41,36 @@ def test_vmap_over_groups_equals_a_loop_over_them():
         assert_trees_close(jax.tree.map(lambda x: x[group], mapped_gradients), jitted_gradients(arrays),
                            f"vmap grad group {group}")
 
-    # What makes data parallelism exact: the losses of a batch are those of its parts, except for
-    # the variants that sort over the batch.
-    whole = jitted_cases(inputs)
-    for case, (whole_losses, _), (group_losses, _) in zip(CASES, whole, mapped):
-        coupled = any(loss_type in BATCH_COUPLED for loss_type in loss_types_of(case))
-        assert np.allclose(whole_losses, group_losses.reshape(-1), rtol=2e-6, atol=1e-6) != coupled, case_id(case)
 
+def test_pmap_and_shard_map_over_8_devices_give_the_single_device_numbers(tmp_path):
+    """Run in a fresh process (the device count must be set before JAX initialises its backend),
+    compared here with the single-device numbers of each device's share of the batch."""
+    output = tmp_path / "results.pickle"
+    run_python([os.path.join("tests", "losses_multidevice.py"), str(output)],
+               env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={losses_multidevice.DEVICES}"})
+    with open(output, "rb") as f:
+        results = pickle.load(f)
+    devices = range(losses_multidevice.DEVICES)
+    shares = losses_multidevice.by_device(losses_multidevice.preference_inputs())
+    expected = [jitted_cases({name: value[device] for name, value in shares.items()}) for device in devices]
+    expected_gradients = [jitted_gradients({name: value[device] for name, value in shares.items()})
+                          for device in devices]
 
-def test_pmap_and_shard_map_over_8_devices_give_the_single_device_numbers():
-    """In a fresh process: the device count must be set before JAX initialises its backend."""
-    result = run_python([os.path.join("tests", "losses_multidevice.py")],
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"})
-    assert result.stdout.startswith(f"ok: {len(CASES)} cases"), result.stdout
+    for device in devices:
+        assert_trees_close(jax.tree.map(lambda x: x[device], results["pmap"]), expected[device], f"pmap {device}")
+
+    # shard_map: losses and gradients of the shards side by side, metrics averaged by pmean.
+    got_losses, got_metrics, got_gradients = results["shard_map"]
+    for index, case in enumerate(CASES):
+        stack = lambda function, trees: jax.tree.map(lambda *shards: function(shards), *trees)
+        assert_trees_close(got_losses[index], np.concatenate([e[index][0] for e in expected]), case_id(case))
+        assert_trees_close(got_metrics[index], stack(np.mean, [e[index][1] for e in expected]), case_id(case))
+        assert_trees_close(got_gradients[index], stack(np.concatenate, [g[index] for g in expected_gradients]),
+                           case_id(case))
+
+    # KTO with axis_name: every device uses the KL reference point of the whole batch.
+    whole_losses, whole_metrics = losses.kto_loss(**losses_multidevice.kto_inputs())
+    pmap_losses, pmap_metrics = results["kto_pmap"]
+    assert_trees_close(pmap_losses.reshape(-1), whole_losses, "kto pmap")
+    assert_trees_close(pmap_metrics["kl"], np.full(len(devices), whole_metrics["kl"]), "kto pmap kl")
+    assert_trees_close(results["kto_shard_map"], (whole_losses, whole_metrics["kl"]), "kto shard_map")

@@ -210,7 +210,8 @@ def load_task(config) -> Task:
                                                                                    report)
         arrays[f"{stage}_eval"], _, truncated_eval = _stage_arrays(config, stage, True, tokenizer, report)
         # The same examples serve both stages: count them once, as DPO sees them when it runs.
-        num_truncated = num_truncated or truncated_train + truncated_eval
+        if stage == "dpo" or "dpo" not in config.stages:
+            num_truncated = truncated_train + truncated_eval
     for key, entry in report.items():
         logging.info("data %s: %s", key, entry)
     return Task(dpo_train=arrays.get("dpo_train"), dpo_eval=arrays.get("dpo_eval"), sft_train=arrays.get("sft_train"),

@@ -24,8 +24,8 @@ from dpo_jax.models.lora import trainable_mask
 from dpo_jax.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_jax.models.transformer import Decoder, DecoderConfig
 
-__all__ = ["Decoder", "DecoderConfig", "Tokenizer", "abstract_model", "apply", "decoder_config", "init_params",
-           "load_hf", "load_tokenizer", "save_hf", "trainable_mask"]
+__all__ = ["Decoder", "DecoderConfig", "Tokenizer", "abstract_model", "apply", "decoder_config", "fold_adapters",
+           "init_params", "load_hf", "load_tokenizer", "save_hf", "trainable_mask"]
 
 # Parameters are created abstractly and placed by jit out_shardings, not sharded eagerly by Flax.
 nnx.use_eager_sharding(False)
@@ -55,18 +55,20 @@ def _merge_trees(base, extra):
     return merged
 
 
-def _init(config, seed, shardings):
-    def create(variables):
-        return nnx.to_pure_dict(nnx.state(Decoder(config, rngs=nnx.Rngs(seed)), variables))
+def _create(config, seed, variables=nnx.Param):
+    """Randomly initialised `variables` of the model (a pure dict); call under jit."""
+    return nnx.to_pure_dict(nnx.state(Decoder(config, rngs=nnx.Rngs(seed)), variables))
 
+
+def _init(config, seed, shardings):
     if not config.init_from_hf:
-        return jax.jit(lambda: create(nnx.Param), out_shardings=shardings)()
+        return jax.jit(lambda: _create(config, seed), out_shardings=shardings)()
     _, abstract_params, _ = _abstract(config)
     params = hf.read_params(config, config.init_from_hf, abstract_params, shardings)
     if config.lora_rank:
         # Only the adapters are outputs, so XLA drops the base weights' random initialisers.
         adapter_shardings = None if shardings is None else lora.adapters(shardings)
-        adapters = jax.jit(lambda: create(nnx.LoRAParam), out_shardings=adapter_shardings)()
+        adapters = jax.jit(lambda: _create(config, seed, nnx.LoRAParam), out_shardings=adapter_shardings)()
         params = _merge_trees(params, adapters)
     return params
 
@@ -76,6 +78,22 @@ def init_params(model_config, *, seed, shardings):
     (each tensor straight to its shards), else randomly initialised from `seed`. LoRA adapters start
     from `seed`, with lora_b = 0 so they do not change the model until trained."""
     return _init(decoder_config(model_config), seed, shardings)
+
+
+def fold_adapters(model_config, params, *, seed, shardings):
+    """Merges the LoRA adapters into the kernels and starts fresh ones (lora_b = 0).
+
+    The model is unchanged, but switching the adapters off now gives it, not the original base: so
+    a LoRA stage after another (DPO after LoRA-SFT) has the previous stage's model as its reference.
+    `params` is donated.
+    """
+    config = decoder_config(model_config)
+
+    def fold(params):
+        merged = lora.merge_adapters(params, config.lora_alpha / config.lora_rank)
+        return _merge_trees(merged, _create(config, seed, nnx.LoRAParam))
+
+    return jax.jit(fold, out_shardings=shardings, donate_argnums=0)(params)
 
 
 def apply(graphdef, params, input_ids, positions=None, segment_ids=None, *, mask=None, use_lora=True):

@@ -85,13 +85,14 @@ def _rope_fields(hf_config, *, theta_keys=("rope_theta",), fraction_keys=("parti
 
     fields = dict(position_embedding="rope", rope_theta=float(first("rope_theta", theta_keys, 10000.0)),
                   rotary_fraction=float(first("partial_rotary_factor", fraction_keys, default_fraction)))
+    scaling = HFConfig(params, f"{hf_config.source} (rope scaling)")
     rope_type = params.get("rope_type", params.get("type", "default"))
     if rope_type == "linear":
-        fields.update(rope_scaling="linear", rope_scaling_factor=float(params["factor"]))
+        fields.update(rope_scaling="linear", rope_scaling_factor=float(scaling.need("factor")))
     elif rope_type == "llama3":
-        fields.update(rope_scaling="llama3", rope_scaling_factor=float(params["factor"]),
-                      rope_low_freq_factor=float(params["low_freq_factor"]),
-                      rope_high_freq_factor=float(params["high_freq_factor"]),
+        fields.update(rope_scaling="llama3", rope_scaling_factor=float(scaling.need("factor")),
+                      rope_low_freq_factor=float(scaling.need("low_freq_factor")),
+                      rope_high_freq_factor=float(scaling.need("high_freq_factor")),
                       rope_original_max_position_embeddings=int(params.get(
                           "original_max_position_embeddings", hf_config.need("max_position_embeddings"))))
     elif rope_type != "default":
@@ -512,7 +513,7 @@ class _Checkpoint:
         resolved = name if name in self.weight_map else name.split(".", 1)[-1]
         if resolved not in self.weight_map:
             raise ValueError(f"{self.path}: tensor {name!r} is missing from the checkpoint "
-                           f"({len(self.weight_map)} tensors, e.g. {sorted(self.weight_map)[:3]})")
+                             f"({len(self.weight_map)} tensors, e.g. {sorted(self.weight_map)[:3]})")
         file = self.weight_map[resolved]
         if file not in self._handles:
             self._handles[file] = safe_open(os.path.join(self.path, file), framework="numpy")

@@ -344,12 +344,14 @@ class Block(nnx.Module):
 def init_cache(config: DecoderConfig, batch_size, num_slots):
     """An empty KV cache for `num_slots` tokens: slots with segment id 0 are never attended by real tokens."""
     shape = (batch_size, num_slots, config.num_kv_heads, config.resolved_head_dim)
-    zeros = jnp.zeros(shape, jnp.dtype(config.dtype))
+    dtype = jnp.dtype(config.dtype)
     return {
         "index": jnp.zeros((), jnp.int32),  # next slot to write
         "segment_ids": jnp.zeros((batch_size, num_slots), jnp.int32),
         "positions": jnp.zeros((batch_size, num_slots), jnp.int32),
-        "layers": [{"key": zeros, "value": zeros} for _ in range(config.num_layers)],
+        # Separate buffers per layer, so a cache made outside jit can be donated.
+        "layers": [{"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
+                   for _ in range(config.num_layers)],
     }
 
 
@@ -402,8 +404,11 @@ class Decoder(nnx.Module):
         logits, _ = self._forward(input_ids, positions, mask)
         return logits
 
-    def decode(self, input_ids, positions, segment_ids, cache):
-        """Runs `input_ids` [batch, time] into the next `time` slots of `cache`: (logits, updated cache)."""
+    def decode(self, input_ids, positions, segment_ids, cache, *, last_only=False):
+        """Runs `input_ids` [batch, time] into the next `time` slots of `cache`: (logits, updated cache).
+
+        last_only: logits of the last position only, [batch, 1, vocab] (a prompt needs no more).
+        """
         start = cache["index"]
         length = input_ids.shape[1]
         key_segment_ids = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segment_ids, start, axis=1)
@@ -411,11 +416,11 @@ class Decoder(nnx.Module):
         mask = attention_mask(segment_ids, key_segment_ids, start + jnp.arange(length),
                               jnp.arange(key_segment_ids.shape[1]), positions, key_positions,
                               self.config.sliding_window)
-        logits, layers = self._forward(input_ids, positions, mask, cache["layers"], start)
+        logits, layers = self._forward(input_ids, positions, mask, cache["layers"], start, last_only)
         return logits, {"index": start + length, "segment_ids": key_segment_ids, "positions": key_positions,
                         "layers": layers}
 
-    def _forward(self, input_ids, positions, mask, layer_caches=None, cache_index=None):
+    def _forward(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
         config = self.config
         x = self.token_embedding(input_ids)
         if config.scale_embeddings:
@@ -432,6 +437,6 @@ class Decoder(nnx.Module):
                 x, _ = nnx.remat(lambda blk, h: blk(h, positions, mask))(block, x)
             else:
                 x, _ = block(x, positions, mask)
-        x = self.final_norm(x)
+        x = self.final_norm(x[:, -1:] if last_only else x)
         logits = self.token_embedding.attend(x) if self.lm_head is None else self.lm_head(x)
         return logits, new_caches
