@@ -7,14 +7,17 @@ mood. Finishes in a few minutes on 2 CPU cores.
 
   python -m dpo_jax.main --config=configs/quickstart.py --workdir=/tmp/dpo_quickstart
   python -m dpo_jax.main --config=configs/quickstart.py:runlocal --workdir=/tmp/dpo_tiny   # seconds
+  python -m dpo_jax.bench --mode=state_memory --config=configs/quickstart.py:model=pythia-2.8b
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False)
+    arg = common.parse_arg(arg, runlocal=False, model="")
     config = common.base_config()
+    if arg.model:  # a preset of configs/common.py, e.g. `:model=gpt2` to plan memory with bench
+        config.model = common.model_config(arg.model)
     if arg.runlocal:
         # Just enough to exercise every piece: used by the end-to-end tests.
         config.data.num_train = 256

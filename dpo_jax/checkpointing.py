@@ -79,6 +79,10 @@ class StageCheckpoints:
     def all_steps(self):
         return list(self._manager.all_steps())
 
+    def should_save(self, step):
+        """Whether `save(step, ...)` without `force` will write a checkpoint."""
+        return self._manager.should_save(step)
+
     def reached_preemption(self, step):
         """True on every process at the same step once any process got a preemption notice
         (multi-process runs; JAX's preemption service propagates SIGTERM)."""

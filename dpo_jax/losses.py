@@ -3,9 +3,9 @@
 Everything here takes arrays and returns arrays: no side effects, no host callbacks, so each
 function works under `jax.jit`, `jax.grad`, `jax.vmap`, `jax.pmap` and `jax.shard_map`, and can be
 imported into other JAX code on its own. Inputs may be bfloat16; all arithmetic is done in float32,
-in log-sigmoid / softplus forms, so losses and gradients stay finite for any finite log-probs (tested
-up to 1e9 in magnitude). Arguments are checked in Python at trace time (shapes and static hyperparameters only), and a bad
-one raises ValueError naming it.
+in log-sigmoid / softplus forms, so losses and gradients stay finite for any finite log-probs
+(tested up to 1e9 in magnitude). Arguments are checked in Python at trace time (shapes and static
+hyperparameters only), and a bad one raises ValueError naming it.
 
     losses, metrics = preference_loss(policy_chosen_logps, policy_rejected_logps,
                                       reference_chosen_logps, reference_rejected_logps,

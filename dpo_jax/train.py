@@ -258,6 +258,7 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
         logging.info("%s: resumed from step %d of %s", stage, int(state.step), checkpoints.directory)
         writer.drop_after(stage, int(state.step))
     else:
+        writer.drop_after(stage, -1)  # what a run killed before its first checkpoint wrote
         state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(start_params)
     del start_params
     start_step = int(state.step)
@@ -295,9 +296,9 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
 
     def stop(exception):
         """Saves the current step and raises; the checkpoint is complete before the process exits."""
+        lagged.drain()
         if checkpoints.latest_step() != int(state.step):
             checkpoints.save(int(state.step), state, force=True)
-        lagged.drain()
         raise exception
 
     try:
@@ -318,10 +319,15 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
             lagged.push(completed, metrics, example_ids, batch_tokens, log=log)
             is_eval_step = completed % config.eval.every_steps == 0 or completed == num_steps
             if is_eval_step:
+                lagged.drain()  # evaluation waits for the step anyway; keeps records in step order
                 eval_metrics = evaluate(completed)
             with_best = bool(is_eval_step and config.checkpoint.best_metric)
-            checkpoints.save(completed, state, metrics=eval_metrics if with_best else None,
-                             force=completed == num_steps or with_best)
+            force = completed == num_steps or with_best
+            if force or checkpoints.should_save(completed):
+                # A checkpoint of step s comes with every record up to s, so that a resumed run
+                # rewrites exactly the records after its checkpoint.
+                lagged.drain()
+                checkpoints.save(completed, state, metrics=eval_metrics if with_best else None, force=force)
             if _preempted(checkpoints, completed):
                 stop(Preempted(f"{stage}: preempted; saved step {completed}, rerun the same command to resume"))
         lagged.drain()

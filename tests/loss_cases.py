@@ -56,7 +56,11 @@ def loss_types_of(case):
     return (loss_type,) if isinstance(loss_type, str) else loss_type
 
 
-def random_inputs(seed, batch=6, scale=3.0):
+# One batch size for all the loss tests, so that eagerly run operations compile once for all of them.
+BATCH = 8
+
+
+def random_inputs(seed, batch=BATCH, scale=3.0):
     """float32 [batch] arrays: policy and reference log-probs of chosen and rejected, and lengths.
 
     Reference log-probs are the policy's plus noise of `scale` nats, so the log-ratios are moderate

@@ -14,10 +14,10 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from dpo_jax import losses
-from loss_cases import all_cases, policy_gradients, random_inputs
+from loss_cases import BATCH, all_cases, policy_gradients, random_inputs
 
 DEVICES = 8
-PER_DEVICE = 6
+PER_DEVICE = BATCH  # the single-device shape the other loss tests compile
 BETA = 0.3
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from dpo_jax import losses
-from loss_cases import (ARRAY_NAMES, CASES, case_id, library_losses, loss_types_of, random_inputs,
+from loss_cases import (ARRAY_NAMES, BATCH, CASES, case_id, library_losses, loss_types_of, random_inputs,
                         with_case_references)
 
 BETA = 0.3
@@ -170,7 +170,7 @@ def adversarial_inputs():
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 @pytest.mark.parametrize("inputs_name", ["random", "adversarial"])
 def test_losses_match_numpy_reference(case, inputs_name):
-    inputs = random_inputs(seed=0, batch=8) if inputs_name == "random" else adversarial_inputs()
+    inputs = random_inputs(seed=0) if inputs_name == "random" else adversarial_inputs()
     inputs = with_case_references(inputs, case)
     got, _ = library_losses(inputs, BETA, case)
     expected = reference_losses(inputs, BETA, case)
@@ -197,7 +197,7 @@ def finite_difference_gradient(function, inputs, names, step=1e-6):
 
 @pytest.mark.parametrize("case", CASES, ids=case_id)
 def test_gradients_match_finite_differences(case):
-    inputs = with_case_references(random_inputs(seed=1, batch=5), case)
+    inputs = with_case_references(random_inputs(seed=1), case)
     names = [name for name in ARRAY_NAMES if inputs[name] is not None]
     expected = finite_difference_gradient(functools.partial(reference_losses, beta=BETA, case=case, frozen=inputs),
                                           inputs, names)
@@ -212,8 +212,8 @@ def test_gradients_match_finite_differences(case):
 
 
 def test_dpo_gradient_is_the_papers_closed_form():
-    """DPO's gradient: -beta sigmoid(r_rejected - r_chosen) (grad log pi(y_w) - grad log pi(y_l)), r = beta log-ratio."""
-    inputs = random_inputs(seed=2, batch=7)
+    """DPO's gradient: -beta s(r_rejected - r_chosen) (grad log pi(y_w) - grad log pi(y_l)), r = beta log-ratio."""
+    inputs = random_inputs(seed=2)
     grads = jax.grad(lambda chosen, rejected: jnp.sum(losses.preference_loss(
         chosen, rejected, inputs["reference_chosen_logps"], inputs["reference_rejected_logps"], beta=BETA)[0]),
         argnums=(0, 1))(inputs["policy_chosen_logps"], inputs["policy_rejected_logps"])
@@ -254,7 +254,7 @@ def test_reference_free_rewards_come_from_the_policy():
 
 
 def test_metrics_have_the_design_names_and_values():
-    inputs = random_inputs(seed=5, batch=8)
+    inputs = random_inputs(seed=5)
     _, metrics = library_losses(inputs, BETA, dict(loss_type="sigmoid"))
     reward_chosen = BETA * (inputs["policy_chosen_logps"] - inputs["reference_chosen_logps"].astype(np.float64))
     reward_rejected = BETA * (inputs["policy_rejected_logps"] - inputs["reference_rejected_logps"].astype(np.float64))
@@ -280,7 +280,7 @@ def logps_arrays(batch, bound):
 
 
 @st.composite
-def pair_batches(draw, bound=1e9, batch=4):
+def pair_batches(draw, bound=1e9, batch=BATCH):
     arrays = {name: draw(logps_arrays(batch, bound)) for name in ARRAY_NAMES}
     for name in ("chosen_lengths", "rejected_lengths"):
         arrays[name] = draw(hnp.arrays(np.float32, batch, elements=st.integers(0, 100_000).map(float)))
@@ -370,7 +370,7 @@ BAD_ARGUMENTS = [
 @pytest.mark.parametrize("overrides,argument", BAD_ARGUMENTS,
                          ids=[f"{argument}-{i}" for i, (_, argument) in enumerate(BAD_ARGUMENTS)])
 def test_bad_arguments_raise_value_error_naming_them_at_trace_time(overrides, argument):
-    arguments = {**random_inputs(seed=6, batch=4), **overrides}
+    arguments = {**random_inputs(seed=6), **overrides}
     arrays = {name: arguments.pop(name) for name in ARRAY_NAMES}
     traced = jax.jit(lambda arrays: losses.preference_loss(*(arrays[name] for name in ARRAY_NAMES), **arguments))
     with pytest.raises(ValueError, match=argument):
@@ -379,7 +379,7 @@ def test_bad_arguments_raise_value_error_naming_them_at_trace_time(overrides, ar
 
 def test_good_arguments_around_the_bad_ones_are_accepted():
     """The boundaries the checks draw are where they should be (so the failures above are not spurious)."""
-    inputs = random_inputs(seed=6, batch=4)
+    inputs = random_inputs(seed=6)
     for case in (dict(label_smoothing=0.0), dict(label_smoothing=0.49), dict(loss_type="rpo", rpo_alpha=0.0),
                  dict(loss_type=("sigmoid", "sft")), dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, 0.5]),
                  dict(loss_type="sigmoid", f_divergence_type="reverse_kl"),

@@ -100,3 +100,23 @@ def test_learning_rate_warms_up_linearly(tiny_config, optimizer, schedule):
     peak = tiny_config.sft.learning_rate
     np.testing.assert_allclose([float(schedule_fn(s)) for s in range(5)], [0, peak / 4, peak / 2, 3 * peak / 4, peak],
                                rtol=1e-6)
+
+
+def test_bfloat16_compute_keeps_log_probs_and_loss_in_float32(tiny_config):
+    """Mixed precision: float32 parameters, bfloat16 matmuls, float32 log-probs and loss."""
+    results = {}
+    for dtype in ("float32", "bfloat16"):
+        tiny_config.model.dtype = dtype
+        graphdef, _, _ = models.abstract_model(tiny_config.model)
+        params = models.init_params(tiny_config.model, seed=0, shardings=None)
+        reference = models.init_params(tiny_config.model, seed=1, shardings=None)
+        batch = loader.train_batches(data.load_task(tiny_config).dpo_train, global_batch_size=8, seed=0)[0]
+        logits = models.apply(graphdef, params, batch["chosen_input_ids"])
+        logps = losses.sequence_logps(logits, batch["chosen_input_ids"], batch["chosen_loss_mask"])
+        loss, (metrics, _) = steps.dpo_loss(params, reference, batch, None, graphdef=graphdef,
+                                            dpo_config=tiny_config.dpo)
+        results[dtype] = (logits.dtype, logps.dtype, loss.dtype, float(loss), jax.tree.map(lambda p: p.dtype, params))
+    assert results["bfloat16"][0] == jnp.bfloat16 and results["float32"][0] == jnp.float32
+    assert results["bfloat16"][1] == jnp.float32 and results["bfloat16"][2] == jnp.float32
+    assert set(jax.tree.leaves(results["bfloat16"][4])) == {jnp.dtype("float32")}
+    assert results["bfloat16"][3] == pytest.approx(results["float32"][3], abs=2e-2)

@@ -1,0 +1,88 @@
+r"""The DPO step benchmark on Anthropic HH (`python -m dpo_jax.bench`), and the switches of its levers.
+
+Real HH pairs through the `hh_rlhf` builder, a byte-level BPE of 8192 tokens trained on them, a
+GPT-2-architecture decoder (4 layers, width 256, 4 heads), 8 pairs per step, sequences of at most
+512 tokens, a live reference; float32 compute on CPU, bfloat16 on TPU/GPU.
+
+  python -m dpo_jax.bench --config=configs/bench_hh.py
+  python -m dpo_jax.bench --config=configs/bench_hh.py --compare=trl            # + TRL's DPOTrainer
+  python -m dpo_jax.bench --config=configs/bench_hh.py:layout=padded            # a lever off
+  python -m dpo_jax.bench --config=configs/bench_hh.py --config.bench.prefetch=False
+  python -m dpo_jax.bench --config=configs/bench_hh.py:runlocal                 # seconds (tests)
+
+Arg `layout=` picks the data layout with a batch of about 8 pairs: `padded` and `prefix_shared` hold
+one pair per unit (8 units), the packed layouts up to 4 pairs per row (2 rows). Offline, the raw
+files come from `data.manual_dir` (by default ../shared/data/hh-rlhf next to the repository, when
+it exists), whose harmless-base split `test` is the benchmark's data.
+"""
+
+import os
+
+import ml_collections
+
+from configs import common
+
+_SHARED_HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
+                          "hh-rlhf")
+# layout -> (row_length, max_pairs_per_row, units per batch): about 8 pairs per step in each layout.
+# Packed rows hold at most 4 pairs: HH pairs take ~325 tokens packed and ~220 prefix-shared, so 4
+# of them nearly fill 1536 and 1024 slots respectively.
+LAYOUT_BATCHES = {
+    "padded": (0, 1, 8),
+    "prefix_shared": (0, 1, 8),
+    "packed": (1536, 4, 2),
+    "packed_prefix_shared": (1024, 4, 2),
+}
+
+
+def bench_options():
+    """The `config.bench` block: how the benchmark runs and which levers are on (all on by default)."""
+    return ml_collections.ConfigDict(dict(
+        workdir="/tmp/dpo_jax_bench",     # TFDS data, the trained tokenizer, reference log-probs, TRL's files
+        steps=20,                         # timed steps
+        warmup_steps=3,                   # steps run before timing (after compilation)
+        phase_repeats=5,                  # runs of each separately jitted phase (the median is reported)
+        compute_dtype="auto",             # model.dtype: auto = float32 on CPU, bfloat16 on TPU/GPU
+        matmul_probe_size=2048,           # CPU peak: a square float matmul of this size, best of 5
+        prefetch=True,                    # assemble and place batch i+1 in a thread while step i runs
+        donate=True,                      # donate the train state's buffers to the step (updated in place)
+        lagged_metrics=True,              # read step metrics 2 steps late (False: the host waits every step)
+        length_buckets=(),                # trim trailing padding columns to the smallest of these lengths that
+                                          #   fits the batch, one compile per bucket used; () = the full row
+        compilation_cache_dir="",         # JAX persistent compilation cache ("" = off): a rerun loads, not compiles
+        trl_steps=0,                      # --compare=trl: timed TRL steps (0 = as many as `steps`)
+    ))
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, layout="packed_prefix_shared", runlocal=False)
+    config = common.base_config()
+    config.stages = ("dpo",)
+    config.model = common.model_config("tiny", vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
+                                       num_kv_heads=4, mlp_dim=1024, max_position_embeddings=512)
+
+    data = config.data
+    data.name = "hh_rlhf/harmless-base"
+    data.manual_dir = _SHARED_HH if os.path.isdir(_SHARED_HH) else ""
+    data.train_split = data.eval_split = "test"  # the split on disk offline; the benchmark never evaluates
+    data.tokenizer = ""  # "": the benchmark trains a byte-level BPE of model.vocab_size on the split
+    data.max_length = 512
+    data.max_prompt_length = 256
+    data.layout = arg.layout
+    data.row_length, data.max_pairs_per_row, config.train.global_batch_size = LAYOUT_BATCHES[arg.layout]
+
+    config.dpo.reference = "live"
+    config.dpo.num_steps = 1000  # the schedule's horizon only: the benchmark runs bench.steps
+    config.dpo.learning_rate = 5e-6
+    config.dpo.warmup_steps = 0
+    config.eval.batch_size = 8  # batch of the precomputed-reference pass
+    config.bench = bench_options()
+
+    if arg.runlocal:  # a tiny model on short HH pairs: the whole benchmark in seconds (tests)
+        config.model.update(vocab_size=512, num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, mlp_dim=64,
+                            max_position_embeddings=64)
+        data.max_length, data.max_prompt_length = 64, 32
+        if data.row_length:
+            data.row_length = 2 * data.max_length
+        config.bench.update(steps=2, warmup_steps=1, phase_repeats=1, matmul_probe_size=256)
+    return config

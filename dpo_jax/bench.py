@@ -1,0 +1,661 @@
+r"""Benchmarks: `python -m dpo_jax.bench --config=configs/bench_hh.py [--config.x=...] [--mode=...]`.
+
+Modes:
+  step          (default) The DPO train step on the config's data and model, after warm-up and
+                excluding compilation: pairs/s, real and padded tokens/s, model FLOPs per step, MFU
+                against the device's peak (CPU: a matmul probe run first; TPU/GPU: the vendor figure),
+                compile seconds, peak memory, and the time per phase (policy forward+backward,
+                reference forward, optimizer, input pipeline wait). `config.bench` switches the levers.
+                --compare=trl also runs TRL's DPOTrainer on the same pairs, tokenizer, architecture and
+                batch in a subprocess, and prints the ratio.
+  state_memory  Train-state bytes per device of the DPO stage under each reference strategy, from
+                shapes alone on the local devices.
+  --plan        Per-device memory (parameters, optimizer, reference, gradients, activations with and
+                without remat) and step time of the config on an accelerator and mesh that need not be
+                here, from shapes, FLOPs and bytes:
+                  python -m dpo_jax.bench --plan --config=configs/quickstart.py:model=pythia-2.8b \
+                      --accelerator=tpu-v5p --mesh=data=2,fsdp=8
+The last line printed is one JSON object with the figures.
+"""
+
+import collections
+import dataclasses
+import functools
+import json
+import math
+import os
+import queue
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+from dpo_jax import configuration, data, models, reference, sharding, steps, train
+from dpo_jax.data import loader, tokenize
+
+_CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_hh.py", "Config file.", lock_config=False)
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory"], "What to measure.")
+_COMPARE = flags.DEFINE_enum("compare", "none", ["none", "trl"], "step mode: also time TRL's DPOTrainer.")
+_PLAN = flags.DEFINE_bool("plan", False, "Estimate memory and step time on --accelerator and --mesh.")
+_ACCELERATOR = flags.DEFINE_string("accelerator", "tpu-v5p", "--plan: tpu-v4 | tpu-v5e | tpu-v5p | h100.")
+_MESH = flags.DEFINE_string("mesh", "", "--plan: mesh axis sizes, e.g. data=2,fsdp=8 (default: config.mesh, "
+                                        "with -1 read as 1).")
+_TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this spec file and print JSON.")
+
+# Metrics are read this many steps after their step was dispatched, as train.py does.
+METRICS_LAG = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+    """Vendor figures per chip: dense bf16 peak, HBM capacity and bandwidth, interconnect bandwidth."""
+    peak_flops: float
+    hbm_bytes: float
+    hbm_bytes_per_sec: float
+    interconnect_bytes_per_sec: float  # ICI (TPU) / NVLink (GPU), per chip
+    device_kinds: tuple               # jax device_kind strings that are this chip
+
+
+ACCELERATORS = {
+    "tpu-v4": Accelerator(275e12, 32 * 2**30, 1228e9, 300e9, ("TPU v4",)),
+    "tpu-v5e": Accelerator(197e12, 16 * 2**30, 819e9, 200e9, ("TPU v5 lite", "TPU v5e")),
+    "tpu-v5p": Accelerator(459e12, 95 * 2**30, 2765e9, 600e9, ("TPU v5p", "TPU v5")),
+    "h100": Accelerator(989e12, 80e9, 3.35e12, 450e9, ("H100",)),
+}
+
+
+def _vendor_peak(device):
+    """Dense bf16 peak FLOP/s of `device` from ACCELERATORS, or None for an unknown chip."""
+    for accelerator in ACCELERATORS.values():
+        if any(kind in device.device_kind for kind in accelerator.device_kinds):
+            return accelerator.peak_flops
+    return None
+
+
+# ---------------------------------------------------------------------------------------------
+# FLOPs and bytes
+# ---------------------------------------------------------------------------------------------
+
+def matmul_flops_per_token(decoder_config):
+    """Forward FLOPs per token of the weight matmuls (2 per multiply-add), output projection included."""
+    c = decoder_config
+    head_dim = c.resolved_head_dim
+    attention = c.embed_dim * head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)  # q, out; k, v
+    mlp = (3 if c.gated_mlp else 2) * c.embed_dim * c.mlp_dim
+    return 2 * (c.num_layers * (attention + mlp) + c.embed_dim * c.vocab_size)
+
+
+def attention_flops_per_pair(decoder_config):
+    """Forward FLOPs per (query, key) pair attended: scores and weighted values, in every layer."""
+    return 4 * decoder_config.num_layers * decoder_config.num_heads * decoder_config.resolved_head_dim
+
+
+def _attended_pairs(segment_ids, branch_ids=None):
+    """(query, key) pairs a row's real tokens attend to: causal within a segment and, with prefix
+    sharing, a response branch sees the shared prompt and itself only (steps._prefix_shared_mask)."""
+    total = 0
+    for row, segments in enumerate(segment_ids):
+        for segment in np.unique(segments[segments > 0]):
+            members = segments == segment
+            if branch_ids is None:
+                n = int(members.sum())
+                total += n * (n + 1) // 2
+                continue
+            counts = np.bincount(branch_ids[row][members], minlength=3)
+            prompt = int(counts[0])
+            total += prompt * (prompt + 1) // 2 + sum(int(n) * prompt + int(n) * (int(n) + 1) // 2 for n in counts[1:])
+    return total
+
+
+def batch_stats(host_batch, decoder_config, live_reference):
+    """Pairs, real and padded token slots, and model FLOPs (real tokens only) of one host batch.
+
+    The step runs the policy forward and backward (3 forwards' FLOPs) and, with a live reference,
+    its forward: 4 forwards, or 3 with precomputed reference log-probs.
+    """
+    segment_keys = [key for key in host_batch if key.endswith("segment_ids")]
+    real_tokens = sum(int(np.count_nonzero(host_batch[key])) for key in segment_keys)
+    padded_tokens = sum(int(host_batch[key].size) for key in segment_keys)
+    pairs = (int(np.count_nonzero(host_batch["pair_mask"])) if "pair_mask" in host_batch
+             else len(host_batch["chosen_input_ids"]))
+    attended = sum(_attended_pairs(host_batch[key], host_batch.get("branch_ids")) for key in segment_keys)
+    forward = matmul_flops_per_token(decoder_config) * real_tokens + attention_flops_per_pair(decoder_config) * attended
+    return {"pairs": pairs, "real_tokens": real_tokens, "padded_tokens": padded_tokens,
+            "model_flops": (4 if live_reference else 3) * forward}
+
+
+def _abstract_bytes_per_device(abstract_tree):
+    """Bytes per device of a tree of ShapeDtypeStructs with shardings (the shard of each leaf)."""
+    total = 0
+    for leaf in jax.tree.leaves(abstract_tree):
+        shard_shape = leaf.sharding.shard_shape(leaf.shape) if leaf.sharding is not None else leaf.shape
+        total += int(np.prod(shard_shape)) * leaf.dtype.itemsize
+    return total
+
+
+def _state_bytes(abstract_state):
+    """{params, opt_state, ref_params}: train-state bytes per device of an abstract state."""
+    return {part: _abstract_bytes_per_device(getattr(abstract_state, part))
+            for part in ("params", "opt_state", "ref_params")}
+
+
+# ---------------------------------------------------------------------------------------------
+# state_memory
+# ---------------------------------------------------------------------------------------------
+
+def state_memory(config):
+    mesh = sharding.make_mesh(config.mesh)
+    model = train.plan_model(config, mesh)
+    strategies = {"live float32": dict(reference="live", reference_dtype=""),
+                  "live bfloat16": dict(reference="live", reference_dtype="bfloat16"),
+                  "precomputed": dict(reference="precomputed", reference_dtype="")}
+    results = {}
+    for name, overrides in strategies.items():
+        variant = config.copy_and_resolve_references()
+        variant.dpo.update(overrides)
+        results[name] = _state_bytes(train.plan_stage("dpo", variant, mesh, model).abstract_state)
+        results[name]["total"] = sum(results[name].values())
+    for name, parts in results.items():
+        print(f"{name:<16}" + "  ".join(f"{part}={value / 2**20:,.1f} MiB" for part, value in parts.items()))
+    return {"mode": "state_memory", "devices": mesh.size, "bytes_per_device": results}
+
+
+# ---------------------------------------------------------------------------------------------
+# --plan: memory and step time on a mesh that is not here
+# ---------------------------------------------------------------------------------------------
+
+def _parse_mesh(text, mesh_config):
+    sizes = {axis: max(int(mesh_config[axis]), 1) for axis in sharding.MESH_AXES}
+    for item in filter(None, text.split(",")):
+        axis, _, size = item.partition("=")
+        if axis not in sizes:
+            raise ValueError(f"--mesh: unknown axis {axis!r}; axes are {sharding.MESH_AXES}")
+        sizes[axis] = int(size)
+    return sizes
+
+
+def _rows_per_batch(config):
+    """(model rows, tokens per row) of one global batch in the config's layout."""
+    data_config = config.data
+    if data_config.layout == "padded":
+        return 2 * config.train.global_batch_size, data_config.max_length
+    return config.train.global_batch_size, data_config.row_length or 2 * data_config.max_length
+
+
+def activation_bytes_per_row(decoder_config, row_length, *, remat):
+    """Bytes a row's forward keeps for the backward pass (the reference keeps none).
+
+    Per layer and token: the block input, both norm outputs, q/k/v and the attention output,
+    the residual, the MLP's hidden pre- and post-activation (and gate), in the compute dtype; the
+    attention weights [heads, keys] (XLA materialises them); plus the float32 logits and their
+    log-softmax. With remat only each block's input is kept, and one block is recomputed at a time.
+    """
+    c = decoder_config
+    itemsize = jnp.dtype(c.dtype).itemsize
+    heads_width = c.num_heads * c.resolved_head_dim
+    kv_width = c.num_kv_heads * c.resolved_head_dim
+    per_token_layer = itemsize * (4 * c.embed_dim + 2 * heads_width + 2 * kv_width
+                                  + (3 if c.gated_mlp else 2) * c.mlp_dim + c.num_heads * row_length)
+    logits = 2 * 4 * c.vocab_size * row_length
+    if remat:
+        return itemsize * c.embed_dim * row_length * c.num_layers + per_token_layer * row_length + logits
+    return per_token_layer * row_length * c.num_layers + logits
+
+
+def plan(config, accelerator_name, mesh_text):
+    """Per-device memory and step time of the config's DPO stage on `accelerator_name` x `mesh_text`."""
+    if accelerator_name not in ACCELERATORS:
+        raise ValueError(f"--accelerator={accelerator_name!r}: one of {sorted(ACCELERATORS)}")
+    accelerator = ACCELERATORS[accelerator_name]
+    sizes = _parse_mesh(mesh_text, config.mesh)
+    mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
+                                     axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
+    model = train.plan_model(config, mesh)
+    stage = train.plan_stage("dpo", config, mesh, model)
+    state = _state_bytes(stage.abstract_state)
+    decoder_config = models.decoder_config(config.model)
+
+    rows, row_length = _rows_per_batch(config)
+    batch_shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
+    rows_per_device = rows / batch_shards / config.train.grad_accum_steps  # one micro-batch at a time
+    # Heads and the MLP split over `tensor`; the rest of an activation is replicated there, so this
+    # divides only approximately.
+    activations = {f"activations{suffix}": int(rows_per_device * activation_bytes_per_row(
+        decoder_config, row_length, remat=remat) / sizes["tensor"])
+        for suffix, remat in (("", False), ("_remat", True))}
+    gradients = state["params"]
+    live = config.dpo.reference == "live"
+    forward_flops = rows * row_length * matmul_flops_per_token(decoder_config) + rows * row_length ** 2 // 2 \
+        * attention_flops_per_pair(decoder_config)  # causal, every slot a token: the padded-layout bound
+    step_flops = (4 if live else 3) * forward_flops
+    devices = math.prod(sizes.values())
+    compute_sec = step_flops / devices / accelerator.peak_flops
+    # Collectives per step: FSDP gathers the parameters for each forward (policy, backward,
+    # reference) and reduce-scatters the gradients; data parallelism all-reduces the gradients.
+    param_bytes_total = _abstract_bytes_per_device(jax.tree.map(
+        lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype), model.abstract_params))
+    fsdp, data_parallel = sizes["fsdp"], sizes["dcn"] * sizes["data"]
+    gather = (fsdp - 1) / fsdp * param_bytes_total / sizes["tensor"]
+    comm_bytes = (3 if live else 2) * gather + gather  # gathers + gradient reduce-scatter
+    comm_bytes += 2 * (data_parallel - 1) / data_parallel * state["params"]
+    comm_sec = comm_bytes / accelerator.interconnect_bytes_per_sec
+    # HBM traffic floor: the step reads params, reference and optimizer state, and writes them back.
+    memory_sec = (2 * sum(state.values()) + 2 * gradients) / accelerator.hbm_bytes_per_sec
+    memory = {**state, "gradients": gradients, **activations}
+    totals = {"total": sum(state.values()) + gradients + activations["activations"],
+              "total_remat": sum(state.values()) + gradients + activations["activations_remat"]}
+    result = {"mode": "plan", "accelerator": accelerator_name, "mesh": sizes, "devices": devices,
+              "bytes_per_device": {**memory, **totals}, "hbm_bytes": accelerator.hbm_bytes,
+              "fits": totals["total"] <= accelerator.hbm_bytes, "fits_with_remat": totals["total_remat"]
+              <= accelerator.hbm_bytes, "flops_per_step": step_flops, "compute_sec_at_peak": compute_sec,
+              "comm_sec": comm_sec, "hbm_sec": memory_sec,
+              "step_sec_lower_bound": max(compute_sec, comm_sec, memory_sec),
+              "step_sec_at_40pct_mfu": max(compute_sec / 0.4, comm_sec, memory_sec)}
+    print(f"{accelerator_name} x {devices} ({', '.join(f'{a}={s}' for a, s in sizes.items())}): "
+          f"{config.train.global_batch_size} units of {row_length} tokens per step")
+    for name, value in {**memory, **totals}.items():
+        print(f"  {name:<18}{value / 2**30:>10.2f} GiB per device")
+    print(f"  HBM {accelerator.hbm_bytes / 2**30:.0f} GiB: fits {result['fits']}, with remat "
+          f"{result['fits_with_remat']}")
+    print(f"  step: {step_flops:.3g} FLOPs, compute {compute_sec * 1e3:.1f} ms at peak, collectives "
+          f"{comm_sec * 1e3:.1f} ms, HBM {memory_sec * 1e3:.1f} ms; at 40% MFU "
+          f"{result['step_sec_at_40pct_mfu'] * 1e3:.1f} ms")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# step: the measured benchmark
+# ---------------------------------------------------------------------------------------------
+
+def matmul_peak(dtype, size, repeats=5):
+    """FLOP/s of the best of `repeats` square matmuls of `size` on the default device."""
+    a, b = (jax.random.normal(jax.random.PRNGKey(i), (size, size), dtype) for i in range(2))
+    product = jax.jit(jnp.matmul).lower(a, b).compile()
+    product(a, b).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        product(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best
+
+
+def _peak_flops(config, options):
+    """(peak FLOP/s of the devices, where the figure comes from)."""
+    device = jax.devices()[0]
+    vendor = _vendor_peak(device)
+    if device.platform != "cpu" and vendor:
+        return vendor * jax.device_count(), f"vendor {device.device_kind}"
+    # All CPU devices of a process share its cores: one probe measures them all.
+    return matmul_peak(jnp.dtype(config.model.dtype), options.matmul_probe_size), "matmul probe"
+
+
+def _peak_memory():
+    """(peak bytes, source): the device allocator's peak where it reports one, else the process's peak RSS."""
+    stats = jax.devices()[0].memory_stats()
+    if stats and "peak_bytes_in_use" in stats:
+        return max(d.memory_stats()["peak_bytes_in_use"] for d in jax.local_devices()), "device"
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
+
+
+def _ensure_tokenizer(config, workdir):
+    """Real data without `data.tokenizer`: a byte-level BPE of model.vocab_size trained on the split
+    (prompt + chosen and prompt + rejected texts), cached in the workdir."""
+    data_config = config.data
+    if data_config.tokenizer or data_config.name == "synthetic":
+        return
+    name, split = data_config.name, data_config.train_split
+    directory = os.path.join(workdir, f"bpe{config.model.vocab_size}-{name.replace('/', '-')}-{split}")
+    if not os.path.exists(os.path.join(directory, "tokenizer.json")):
+        examples, _ = data.read_split(data.prepare(name, data_config), split, data_config)
+        texts = [e["prompt"] + e[side] for side in ("chosen", "rejected") for e in examples]
+        tokenize.train_byte_level_bpe(texts, directory, vocab_size=config.model.vocab_size)
+    data_config.tokenizer = directory
+
+
+def _resolve(config, workdir):
+    """The benchmark's config: DPO only, the compute dtype resolved, a tokenizer, validated."""
+    options = config.bench
+    config.stages = ("dpo",)
+    if options.compute_dtype == "auto":
+        config.model.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
+    else:
+        config.model.dtype = options.compute_dtype
+    if not config.data.data_dir and config.data.name != "synthetic":
+        config.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
+    _ensure_tokenizer(config, workdir)
+    checked = config.copy_and_resolve_references()
+    del checked["bench"]
+    configuration.validate(checked)
+
+
+def _trim(host_batch, length):
+    """The batch without its trailing padding columns past `length` (every [rows, row_length] array)."""
+    return {key: value[:, :length] if value.ndim == 2 and key != "pair_mask" else value
+            for key, value in host_batch.items()}
+
+
+def _bucket(host_batch, buckets, row_length):
+    """The smallest bucket holding every real column of the batch (the full row without buckets)."""
+    segment_keys = [key for key in host_batch if key.endswith("segment_ids")]
+    used = max(int(np.max(np.nonzero(host_batch[key].any(axis=0))[0], initial=0)) + 1 for key in segment_keys)
+    return min([b for b in buckets if used <= b <= row_length], default=row_length)
+
+
+def _batches(fetch, indices, prefetch):
+    """fetch(i) for i in indices; with `prefetch`, produced in a thread up to 2 ahead of the consumer."""
+    if not prefetch:
+        yield from (fetch(i) for i in indices)
+        return
+    ready = queue.Queue(maxsize=2)
+    done = object()
+
+    def produce():
+        for i in indices:
+            ready.put(fetch(i))
+        ready.put(done)
+
+    threading.Thread(target=produce, daemon=True).start()
+    while (item := ready.get()) is not done:
+        yield item
+
+
+def _run_steps(compiled, state, fetch, indices, options):
+    """Runs the steps of `indices`; returns (state, seconds, seconds waiting for input)."""
+    waited, pending = 0.0, collections.deque()
+    started = time.perf_counter()
+    batches = _batches(fetch, indices, options.prefetch)
+    for _ in indices:
+        wait_started = time.perf_counter()
+        length, batch = next(batches)
+        waited += time.perf_counter() - wait_started
+        state, metrics = compiled[length](state, batch)
+        pending.append(metrics)
+        # The lagged read lets the host queue the next step while this one runs; reading at once
+        # makes it wait for every step, as `float(loss)` in a loop does.
+        while len(pending) > (METRICS_LAG if options.lagged_metrics else 0):
+            jax.device_get(pending.popleft())
+    jax.device_get(list(pending))
+    jax.block_until_ready(state)
+    return state, time.perf_counter() - started, waited
+
+
+def _median_seconds(fn, repeats):
+    jax.block_until_ready(fn())  # compile and warm up
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        jax.block_until_ready(fn())
+        times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+def phase_seconds(stage, model, state, batch, repeats):
+    """Seconds per step of each phase, jitted separately on one batch: policy forward+backward,
+    reference forward (live reference), optimizer update."""
+    phases = {}
+    if state.ref_params is not None:
+        reference_fn = jax.jit(functools.partial(steps.reference_logps, graphdef=model.graphdef))
+        phases["reference_forward"] = _median_seconds(lambda: reference_fn(state.ref_params, batch), repeats)
+        batch = {**batch, **reference_fn(state.ref_params, batch)}
+    # With the reference log-probs in the batch, the loss runs the policy only.
+    grad_fn = jax.jit(jax.grad(lambda params: stage.loss_fn(params, None, batch, state.rng)[0]))
+    phases["policy_forward_backward"] = _median_seconds(lambda: grad_fn(state.params), repeats)
+    grads = grad_fn(state.params)
+
+    @jax.jit
+    def update(grads, opt_state, params):
+        updates, opt_state = stage.optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    phases["optimizer"] = _median_seconds(lambda: update(grads, state.opt_state, state.params), repeats)
+    return phases
+
+
+def step_benchmark(config, compare):
+    options = config.bench
+    os.makedirs(options.workdir, exist_ok=True)
+    if options.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", options.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache the small programs too
+    _resolve(config, options.workdir)
+    decoder_config = models.decoder_config(config.model)
+    live = config.dpo.reference == "live"
+    peak_flops, peak_source = _peak_flops(config, options)
+    print(f"peak {peak_flops / 1e9:,.1f} GFLOP/s ({peak_source}, {config.model.dtype})")
+
+    mesh = sharding.make_mesh(config.mesh)
+    model = train.plan_model(config, mesh)
+    stage = train.plan_stage("dpo", config, mesh, model)
+    task = data.load_task(config)
+    arrays = task.dpo_train
+    params = models.init_params(config.model, seed=config.seed, shardings=model.param_shardings)
+    precompute_sec = None
+    if not live:  # the reference pass over the data, once, before training
+        started = time.perf_counter()
+        arrays = reference.with_reference_logps(
+            {"train": arrays}, params, graphdef=model.graphdef, mesh=mesh, param_shardings=model.param_shardings,
+            batch_size=config.eval.batch_size, cache_dir=os.path.join(options.workdir, "reference_logps"))["train"]
+        precompute_sec = time.perf_counter() - started
+    state = jax.jit(stage.init_state, out_shardings=stage.state_shardings)(params)
+    del params
+    batches = loader.train_batches(arrays, global_batch_size=config.train.global_batch_size, seed=config.seed)
+    row_length = next(v for k, v in arrays.items() if k.endswith("input_ids")).shape[1]
+    total_steps = options.warmup_steps + options.steps
+
+    # Host-side pass over the run's batches: which bucket each needs, and what it holds.
+    buckets, stats = [], []
+    for index in range(total_steps):
+        host_batch = batches[index]
+        buckets.append(_bucket(host_batch, tuple(options.length_buckets), row_length))
+        stats.append(batch_stats(_trim(host_batch, buckets[-1]), decoder_config, live))
+
+    step_fn = jax.jit(
+        functools.partial(steps.train_step, loss_fn=stage.loss_fn, optimizer=stage.optimizer,
+                          schedule=stage.schedule, micro_batches=config.train.grad_accum_steps),
+        in_shardings=(stage.state_shardings, sharding.batch_sharding(mesh)),
+        out_shardings=(stage.state_shardings, sharding.replicated(mesh)),
+        donate_argnums=0 if options.donate else ())
+
+    def fetch(index):
+        length = buckets[index]
+        return length, sharding.global_batch(_trim(batches[index], length), mesh)
+
+    compiled, started = {}, time.perf_counter()
+    for length in sorted(set(buckets)):  # one compile per bucket the run uses
+        compiled[length] = step_fn.lower(state, fetch(buckets.index(length))[1]).compile()
+    compile_sec = time.perf_counter() - started
+
+    state, _, _ = _run_steps(compiled, state, fetch, range(options.warmup_steps), options)
+    state, seconds, waited = _run_steps(compiled, state, fetch, range(options.warmup_steps, total_steps), options)
+    timed = stats[options.warmup_steps:]
+    totals = {key: sum(s[key] for s in timed) for key in timed[0]}
+    flops_per_step = totals["model_flops"] / options.steps
+    peak_memory, peak_memory_source = _peak_memory()
+    first = compiled[buckets[0]]
+    phases = phase_seconds(stage, model, state, fetch(0)[1], options.phase_repeats)
+    phases["input_wait"] = waited / options.steps
+    result = {
+        "mode": "step", "backend": jax.default_backend(), "devices": mesh.size, "dtype": config.model.dtype,
+        "layout": config.data.layout, "reference": config.dpo.reference, "steps": options.steps,
+        "pairs_per_step": totals["pairs"] / options.steps,
+        "pairs_per_sec": totals["pairs"] / seconds,
+        "tokens_per_sec": totals["real_tokens"] / seconds,
+        "padded_tokens_per_sec": totals["padded_tokens"] / seconds,
+        "padding_fraction": 1 - totals["real_tokens"] / totals["padded_tokens"],
+        "step_sec": seconds / options.steps,
+        "model_flops_per_step": flops_per_step,
+        "xla_flops_per_step": (first.cost_analysis() or {}).get("flops"),
+        "peak_flops": peak_flops, "peak_flops_source": peak_source,
+        "mfu": totals["model_flops"] / seconds / peak_flops,
+        "compile_sec": compile_sec, "compiles": len(compiled),
+        "precompute_reference_sec": precompute_sec,
+        "peak_memory_bytes": peak_memory, "peak_memory_source": peak_memory_source,
+        "state_bytes": sharding.bytes_per_device(state),
+        "reference_bytes": sharding.bytes_per_device(state.ref_params) if live else 0,
+        "step_temp_bytes": first.memory_analysis().temp_size_in_bytes,
+        "phase_sec": phases,
+        "levers": {key: options[key] for key in ("prefetch", "donate", "lagged_metrics", "length_buckets",
+                                                 "compilation_cache_dir")} | {"remat": config.model.remat},
+    }
+    print(f"{result['pairs_per_sec']:.2f} pairs/s, {result['tokens_per_sec']:,.0f} real tokens/s "
+          f"({result['padded_tokens_per_sec']:,.0f} padded), {flops_per_step / 1e9:.1f} GFLOP/step, "
+          f"MFU {result['mfu']:.1%}, compile {compile_sec:.1f} s ({len(compiled)}), "
+          f"peak memory {peak_memory / 2**20:,.0f} MiB ({peak_memory_source})")
+    print("per step: " + ", ".join(f"{name} {value * 1e3:.1f} ms" for name, value in phases.items())
+          + f"; fused step {result['step_sec'] * 1e3:.1f} ms")
+    if compare == "trl":
+        result["trl"] = compare_trl(config, options, total_steps)
+        result["trl_ratio"] = result["pairs_per_sec"] / result["trl"]["pairs_per_sec"]
+        print(f"TRL {result['trl']['pairs_per_sec']:.2f} pairs/s; dpo_jax / TRL = {result['trl_ratio']:.2f}x")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------
+# --compare=trl
+# ---------------------------------------------------------------------------------------------
+
+def _padded_pairs(config, total_steps):
+    """The token ids {prompt, chosen, rejected} of the pairs of `total_steps` batches of 8 (or the
+    config's) pairs in the padded layout, in the order dpo_jax's loader serves them."""
+    padded = config.copy_and_resolve_references()
+    del padded["bench"]
+    padded.data.update(layout="padded", row_length=0, max_pairs_per_row=1)
+    arrays = data.load_task(padded).dpo_train
+    arrays = {**arrays, "example_id": np.arange(len(arrays["chosen_input_ids"]))}
+    pairs_per_step = 8 if config.data.layout != "padded" else config.train.global_batch_size
+    batches = loader.train_batches(arrays, global_batch_size=pairs_per_step, seed=config.seed)
+    pairs = []
+    for index in range(total_steps):
+        for i in batches[index]["example_id"]:
+            ids, masks = {}, {}
+            for side in ("chosen", "rejected"):
+                real = arrays[f"{side}_segment_ids"][i] > 0
+                ids[side] = arrays[f"{side}_input_ids"][i][real].tolist()
+                masks[side] = arrays[f"{side}_loss_mask"][i][real].astype(bool)
+            prompt_length = int(np.argmax(masks["chosen"]))
+            pairs.append({"prompt_ids": ids["chosen"][:prompt_length],
+                          **{f"{side}_ids": np.asarray(ids[side])[masks[side]].tolist()
+                             for side in ("chosen", "rejected")}})
+    return pairs, pairs_per_step
+
+
+def compare_trl(config, options, total_steps):
+    """Runs TRL's DPOTrainer in a subprocess on the same pairs, tokenizer, architecture and batch."""
+    trl_steps = options.trl_steps or options.steps
+    pairs, pairs_per_step = _padded_pairs(config, options.warmup_steps + trl_steps)
+    c = config.model
+    spec = {"pairs": pairs, "pairs_per_step": pairs_per_step, "warmup_steps": options.warmup_steps,
+            "steps": trl_steps, "tokenizer": config.data.tokenizer, "max_length": config.data.max_length,
+            "vocab_size": c.vocab_size, "num_layers": c.num_layers, "embed_dim": c.embed_dim,
+            "num_heads": c.num_heads, "mlp_dim": c.mlp_dim, "max_position_embeddings": c.max_position_embeddings,
+            "learning_rate": config.dpo.learning_rate, "beta": config.dpo.beta, "seed": config.seed,
+            "grad_clip_norm": config.train.grad_clip_norm, "bf16": config.model.dtype == "bfloat16",
+            "precompute_ref_log_probs": config.dpo.reference == "precomputed"}
+    with tempfile.TemporaryDirectory(dir=options.workdir) as scratch:
+        spec_path = os.path.join(scratch, "spec.json")
+        with open(spec_path, "w", encoding="utf-8") as f:
+            json.dump(spec, f)
+        process = subprocess.run([sys.executable, "-m", "dpo_jax.bench", f"--trl_worker={spec_path}"],
+                                 capture_output=True, text=True, check=False,
+                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    if process.returncode != 0:
+        raise RuntimeError(f"The TRL run failed ({process.returncode}):\n{process.stderr[-4000:]}")
+    return json.loads(process.stdout.strip().splitlines()[-1])
+
+
+def trl_worker(spec_path):
+    """TRL's DPOTrainer on CPU PyTorch, timed per optimizer step after warm-up (run in a subprocess)."""
+    import datasets  # pylint: disable=import-outside-toplevel
+    import torch  # pylint: disable=import-outside-toplevel
+    import transformers  # pylint: disable=import-outside-toplevel
+    import trl  # pylint: disable=import-outside-toplevel
+
+    with open(spec_path, encoding="utf-8") as f:
+        spec = json.load(f)
+    torch.manual_seed(spec["seed"])
+    tokenizer_dir = spec["tokenizer"]
+    with open(os.path.join(tokenizer_dir, "tokenizer_config.json"), encoding="utf-8") as f:
+        eos_token = json.load(f)["eos_token"]
+    tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(tokenizer_dir, "tokenizer.json"),
+                                                     eos_token=eos_token, pad_token=eos_token)
+    gpt2 = transformers.GPT2Config(
+        vocab_size=spec["vocab_size"], n_positions=spec["max_position_embeddings"], n_embd=spec["embed_dim"],
+        n_layer=spec["num_layers"], n_head=spec["num_heads"], n_inner=spec["mlp_dim"],
+        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
+    policy = transformers.GPT2LMHeadModel(gpt2)
+    reference_model = None
+    if not spec["precompute_ref_log_probs"]:
+        reference_model = transformers.GPT2LMHeadModel(gpt2)
+        reference_model.load_state_dict(policy.state_dict())
+
+    class PreTokenizedDPOTrainer(trl.DPOTrainer):
+        """DPOTrainer on dpo_jax's token ids, in dpo_jax's order: both frameworks see the same tokens."""
+
+        def _prepare_dataset(self, dataset, *args, **kwargs):
+            return dataset  # already {prompt_ids, chosen_ids, rejected_ids}, truncated as dpo_jax does
+
+        def _get_train_sampler(self, *args, **kwargs):
+            return torch.utils.data.SequentialSampler(self.train_dataset)
+
+    step_ends = []
+
+    class StepTimer(transformers.TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            step_ends.append(time.perf_counter())
+
+    total = spec["warmup_steps"] + spec["steps"]
+    with tempfile.TemporaryDirectory() as output_dir:
+        args = trl.DPOConfig(
+            output_dir=output_dir, per_device_train_batch_size=spec["pairs_per_step"], max_length=spec["max_length"],
+            max_steps=total, learning_rate=spec["learning_rate"], beta=spec["beta"], lr_scheduler_type="constant",
+            max_grad_norm=spec["grad_clip_norm"], use_cpu=True, bf16=spec["bf16"], seed=spec["seed"],
+            precompute_ref_log_probs=spec["precompute_ref_log_probs"], report_to=[], logging_steps=total + 1,
+            save_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
+        trainer = PreTokenizedDPOTrainer(
+            model=policy, ref_model=reference_model, args=args, processing_class=tokenizer,
+            train_dataset=datasets.Dataset.from_list(spec["pairs"]), callbacks=[StepTimer()])
+        trainer.train()
+    seconds = step_ends[total - 1] - step_ends[spec["warmup_steps"] - 1]
+    timed = spec["pairs"][spec["warmup_steps"] * spec["pairs_per_step"]:]
+    real_tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in timed)
+    return {"pairs_per_sec": len(timed) / seconds, "tokens_per_sec": real_tokens / seconds,
+            "step_sec": seconds / spec["steps"], "steps": spec["steps"], "torch_threads": torch.get_num_threads(),
+            "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+            "attn_implementation": policy.config._attn_implementation,  # pylint: disable=protected-access
+            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+
+
+def main(argv):
+    del argv
+    if _TRL_WORKER.value:
+        print(json.dumps(trl_worker(_TRL_WORKER.value)))
+        return
+    config = _CONFIG.value
+    if _PLAN.value:
+        result = plan(config, _ACCELERATOR.value, _MESH.value)
+    elif _MODE.value == "state_memory":
+        result = state_memory(config)
+    else:
+        if "bench" not in config:  # a training config: the benchmark's default options
+            from configs import bench_hh  # pylint: disable=import-outside-toplevel
+            config.bench = bench_hh.bench_options()
+        result = step_benchmark(config, _COMPARE.value)
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, ".")
+    logging.set_verbosity(logging.WARNING)
+    app.run(main)
