@@ -207,7 +207,17 @@ def base_config():
         reference_update_alpha=0.5,           # TR-DPO: reference <- alpha * policy + (1 - alpha) * reference
     ))
     # Options of particular loss types (dpo_jax.losses); None = unset, not passed to the loss.
-    config.dpo.loss_options = ml_collections.ConfigDict()
+    unset = lambda field_type: ml_collections.FieldReference(None, field_type=field_type)
+    config.dpo.loss_options = ml_collections.ConfigDict(dict(
+        loss_weights=unset(str),              # a mixture's weights, e.g. "0.8,0.2,1.0" with loss_type "a,b,c"
+        simpo_gamma=unset(float),             # simpo: target margin gamma (--simpo-gamma)
+        rpo_alpha=unset(float),               # rpo: weight of the NLL term on the chosen response (--rpo-alpha)
+        ipo_length_normalize=unset(bool),     # ipo: average log-ratios over tokens (default True)
+        discopop_tau=unset(float),            # discopop: temperature tau
+        f_divergence_type=unset(str),         # reverse_kl | forward_kl | js_divergence | alpha_divergence
+        f_alpha=unset(float),                 # alpha_divergence: alpha
+        use_weighting=unset(bool),            # WPO weighting of each pair's loss
+    ))
 
     config.eval = ml_collections.ConfigDict(dict(
         every_steps=50,                       # evaluate on held-out data every N steps (and at 0 and the end)

@@ -17,8 +17,6 @@ RESUMABLE_CHANGES = ("sft.num_steps", "dpo.num_steps", "eval.every_steps", "chec
                      "checkpoint.max_to_keep", "checkpoint.every_minutes", "checkpoint.best_metric",
                      "checkpoint.best_mode", "train.log_every_steps", "train.max_nonfinite_steps",
                      "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor")
-# Sub-trees whose keys are free-form (checked by the code that reads them).
-OPEN_KEYS = ("dpo.loss_options",)
 
 
 def flatten(tree, prefix=""):
@@ -42,16 +40,16 @@ def _check_schema(config):
     """Unknown keys and wrong types against `configs.common.base_config()`."""
     defaults = flatten(common.base_config())
     for key, value in flatten(config).items():
-        if key.startswith(tuple(f"{open_key}." for open_key in OPEN_KEYS)):
-            continue
         _check(key in defaults, key, "unknown key (a typo? see configs/common.py for every key)")
         default = defaults[key]
+        if default is None:  # an optional field (a typed FieldReference): ml_collections checks its type
+            continue
         if isinstance(default, bool) or isinstance(value, bool):
             _check(isinstance(value, bool) == isinstance(default, bool), key,
                    f"expected {type(default).__name__}, got {value!r}")
         elif isinstance(default, float):
             _check(isinstance(value, (int, float)), key, f"expected a number, got {value!r}")
-        elif default is not None:
+        else:
             _check(isinstance(value, type(default)), key, f"expected {type(default).__name__}, got {value!r}")
 
 
@@ -73,8 +71,12 @@ def validate(config):
     dpo = config.dpo
     _check(dpo.beta > 0, "dpo.beta", f"must be > 0, got {dpo.beta}")
     _check(0 <= dpo.label_smoothing < 0.5, "dpo.label_smoothing", f"must be in [0, 0.5), got {dpo.label_smoothing}")
-    _check(dpo.loss_type in losses.LOSS_TYPES, "dpo.loss_type",
-           f"{dpo.loss_type!r} is not one of {losses.LOSS_TYPES}")
+    loss_types = [name.strip() for name in dpo.loss_type.split(",")]
+    _check(all(name in losses.LOSS_TYPES for name in loss_types), "dpo.loss_type",
+           f"{dpo.loss_type!r} is not one of {losses.LOSS_TYPES} (or several, separated by commas)")
+    _check({"aot", "aot_unpaired"}.isdisjoint(loss_types) or "packed" not in config.data.layout, "dpo.loss_type",
+           f"{dpo.loss_type!r} sorts over the batch, which packed layouts fill with empty pair slots; "
+           f"use data.layout='padded' or 'prefix_shared'")
     _check(dpo.reference in ("live", "precomputed"), "dpo.reference",
            f"must be live or precomputed, got {dpo.reference!r}")
     _check(dpo.reference_dtype in ("", "float32", "bfloat16", "float16"), "dpo.reference_dtype",
