@@ -1,6 +1,10 @@
 """Installs dpo_jax: Direct Preference Optimization in JAX (Flax NNX, optax, Orbax)."""
 
+import os
+
 import setuptools
+
+HERE = os.path.dirname(os.path.abspath(__file__))
 
 INSTALL_REQUIRES = [
     # JAX 0.10.x is the newest line for Python 3.11; newer JAX (3.12+) is admitted.
@@ -30,13 +34,16 @@ EXTRAS_REQUIRE = {
     # Logit parity against Hugging Face models. The torch pin takes the CPU build; an
     # unpinned torch pulls a multi-GB CUDA build.
     "parity": ["transformers>=4.46", "torch==2.13.0"],
+    # `python -m dpo_jax.bench --compare=trl`: TRL's DPOTrainer on CPU PyTorch (1.x: the tokenised
+    # {prompt,chosen,rejected}_ids dataset the benchmark hands it).
+    "bench": ["trl>=1.0,<2", "transformers>=4.46", "torch==2.13.0"],
 }
 
 setuptools.setup(
     name="dpo_jax",
     version="0.1.0",
     description="Direct Preference Optimization in JAX: pure losses and steps, sharded meshes, Orbax checkpoints.",
-    long_description=open("README.md", encoding="utf-8").read() if __import__("os").path.exists("README.md") else "",
+    long_description=open(os.path.join(HERE, "README.md"), encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["dpo_jax", "dpo_jax.*"]),

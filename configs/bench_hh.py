@@ -9,6 +9,7 @@ GPT-2-architecture decoder (4 layers, width 256, 4 heads), 8 pairs per step, seq
   python -m dpo_jax.bench --config=configs/bench_hh.py:layout=padded            # a lever off
   python -m dpo_jax.bench --config=configs/bench_hh.py --config.bench.prefetch=False
   python -m dpo_jax.bench --config=configs/bench_hh.py:runlocal                 # seconds (tests)
+  python -m dpo_jax.bench --config=configs/bench_hh.py:synthetic                # no HH data at hand
 
 Arg `layout=` picks the data layout with a batch of about 8 pairs: `padded` and `prefix_shared` hold
 one pair per unit (8 units), the packed layouts up to 4 pairs per row (2 rows). Offline, the raw
@@ -55,7 +56,7 @@ def bench_options():
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, layout="packed_prefix_shared", runlocal=False)
+    arg = common.parse_arg(arg, layout="packed_prefix_shared", runlocal=False, synthetic=False)
     config = common.base_config()
     config.stages = ("dpo",)
     config.model = common.model_config("tiny", vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
@@ -66,6 +67,8 @@ def get_config(arg=None):
     data.manual_dir = _SHARED_HH if os.path.isdir(_SHARED_HH) else ""
     data.train_split = data.eval_split = "test"  # the split on disk offline; the benchmark never evaluates
     data.tokenizer = ""  # "": the benchmark trains a byte-level BPE of model.vocab_size on the split
+    if arg.synthetic:  # the quickstart's task at the benchmark's shapes (its pairs are short)
+        data.name = "synthetic"
     data.max_length = 512
     data.max_prompt_length = 256
     data.layout = arg.layout

@@ -10,6 +10,9 @@ Modes:
                 batch in a subprocess, and prints the ratio.
   state_memory  Train-state bytes per device of the DPO stage under each reference strategy, from
                 shapes alone on the local devices.
+  logps         Sequence log-probs (forward and backward, from the final hidden states) on one
+                batch's tokens: full logits against the memory-bounded `losses.chunked_sequence_logps`,
+                compiled temporary bytes and seconds, for each of --logps_vocab_sizes.
   --plan        Per-device memory (parameters, optimizer, reference, gradients, activations with and
                 without remat) and step time of the config on an accelerator and mesh that need not be
                 here, from shapes, FLOPs and bytes:
@@ -40,16 +43,17 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dpo_jax import configuration, data, models, reference, sharding, steps, train
+from dpo_jax import configuration, data, losses, models, reference, sharding, steps, train
 from dpo_jax.data import loader, tokenize
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_hh.py", "Config file.", lock_config=False)
-_MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory"], "What to measure.")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory", "logps"], "What to measure.")
 _COMPARE = flags.DEFINE_enum("compare", "none", ["none", "trl"], "step mode: also time TRL's DPOTrainer.")
 _PLAN = flags.DEFINE_bool("plan", False, "Estimate memory and step time on --accelerator and --mesh.")
 _ACCELERATOR = flags.DEFINE_string("accelerator", "tpu-v5p", "--plan: tpu-v4 | tpu-v5e | tpu-v5p | h100.")
 _MESH = flags.DEFINE_string("mesh", "", "--plan: mesh axis sizes, e.g. data=2,fsdp=8 (default: config.mesh, "
                                         "with -1 read as 1).")
+_LOGPS_VOCAB_SIZES = flags.DEFINE_list("logps_vocab_sizes", ["8192", "65536"], "logps mode: vocabularies.")
 _TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this spec file and print JSON.")
 
 # Metrics are read this many steps after their step was dispatched, as train.py does.
@@ -168,6 +172,38 @@ def state_memory(config):
     for name, parts in results.items():
         print(f"{name:<16}" + "  ".join(f"{part}={value / 2**20:,.1f} MiB" for part, value in parts.items()))
     return {"mode": "state_memory", "devices": mesh.size, "bytes_per_device": results}
+
+
+# ---------------------------------------------------------------------------------------------
+# logps: full logits against memory-bounded log-probs
+# ---------------------------------------------------------------------------------------------
+
+def logps_memory(config, vocab_sizes, repeats=3):
+    """Compiled temporary bytes and median seconds of the gradient of sequence log-probs with
+    respect to the hidden states and the output embedding, with and without full logits."""
+    rows, row_length = _rows_per_batch(config)
+    width = config.model.embed_dim
+    keys = jax.random.split(jax.random.PRNGKey(0), 3)
+    hidden = jax.random.normal(keys[0], (rows, row_length, width), jnp.float32)
+    mask = jnp.ones((rows, row_length), jnp.float32)
+    variants = {
+        "full": lambda h, e, labels: losses.sequence_logps(h @ e.T, labels, mask),
+        "chunked": lambda h, e, labels: losses.chunked_sequence_logps(h, labels, mask, logits_fn=lambda x: x @ e.T),
+    }
+    results = {}
+    for vocab_size in vocab_sizes:
+        embedding = jax.random.normal(keys[1], (vocab_size, width), jnp.float32) * 0.02
+        labels = jax.random.randint(keys[2], (rows, row_length), 0, vocab_size)
+        for name, fn in variants.items():
+            grad_fn = jax.jit(jax.grad(lambda h, e, fn=fn: fn(h, e, labels).sum(), argnums=(0, 1)))
+            compiled = grad_fn.lower(hidden, embedding).compile()
+            results[f"{name} V={vocab_size}"] = {
+                "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
+                "seconds": _median_seconds(lambda: compiled(hidden, embedding), repeats)}
+    print(f"{rows} rows x {row_length} tokens, width {width}: gradient of the sequence log-probs")
+    for name, figures in results.items():
+        print(f"  {name:<16}{figures['temp_bytes'] / 2**20:>10,.0f} MiB temporary{figures['seconds']:>9.3f} s")
+    return {"mode": "logps", "rows": rows, "row_length": row_length, "results": results}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -533,7 +569,9 @@ def _padded_pairs(config, total_steps):
     padded.data.update(layout="padded", row_length=0, max_pairs_per_row=1)
     arrays = data.load_task(padded).dpo_train
     arrays = {**arrays, "example_id": np.arange(len(arrays["chosen_input_ids"]))}
-    pairs_per_step = 8 if config.data.layout != "padded" else config.train.global_batch_size
+    # As many pairs as a dpo_jax batch holds at most (packed rows: rows x pairs per row).
+    packed = config.data.layout in ("packed", "packed_prefix_shared")
+    pairs_per_step = config.train.global_batch_size * (config.data.max_pairs_per_row if packed else 1)
     batches = loader.train_batches(arrays, global_batch_size=pairs_per_step, seed=config.seed)
     pairs = []
     for index in range(total_steps):
@@ -647,6 +685,8 @@ def main(argv):
         result = plan(config, _ACCELERATOR.value, _MESH.value)
     elif _MODE.value == "state_memory":
         result = state_memory(config)
+    elif _MODE.value == "logps":
+        result = logps_memory(config, [int(size) for size in _LOGPS_VOCAB_SIZES.value])
     else:
         if "bench" not in config:  # a training config: the benchmark's default options
             from configs import bench_hh  # pylint: disable=import-outside-toplevel

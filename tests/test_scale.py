@@ -64,39 +64,50 @@ def test_gradient_accumulation_equals_the_large_batch_step(tiny_config, stage):
         np.testing.assert_allclose(metrics_1[key], metrics_4[key], rtol=1e-5, atol=1e-5, err_msg=key)
 
 
-def _first_dpo_loss(config, workdir):
+def _dpo_losses(config, workdir, num_steps=3):
+    """The train losses of the first DPO steps (the first is log 2 for every strategy: policy == reference)."""
     config.stages = ("dpo",)
-    config.dpo.num_steps = 1
+    config.dpo.num_steps = num_steps
+    config.dpo.warmup_steps = 0
     config.train.log_every_steps = 1
     train.run(config, str(workdir))
-    return [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"][0]["loss"]
+    return [r["loss"] for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "train"]
 
 
-def test_reference_strategies_give_the_same_first_step_loss(tiny_config, tmp_path):
-    tiny_config.dpo.init_from = ""
-    losses_by_strategy = {}
-    for name, overrides in {"live": {}, "precomputed": {"reference": "precomputed"},
-                            "tr_dpo": {"reference_update_every": 1}}.items():
+def test_reference_strategies_give_the_same_losses(tiny_config, tmp_path):
+    """Until a reference update, every strategy scores the same reference, so the losses agree."""
+    live = _dpo_losses(tiny_config.copy_and_resolve_references(), tmp_path / "live")
+    assert live[1] != live[0]  # the policy has moved: the comparison is not of log 2 with itself
+    for name, overrides, compared_steps in [("precomputed", {"reference": "precomputed"}, 3),
+                                            ("tr_dpo", {"reference_update_every": 2}, 2)]:
         config = tiny_config.copy_and_resolve_references()
         config.dpo.update(overrides)
-        losses_by_strategy[name] = _first_dpo_loss(config, tmp_path / name)
-    assert losses_by_strategy["precomputed"] == pytest.approx(losses_by_strategy["live"], abs=1e-6)
-    assert losses_by_strategy["tr_dpo"] == pytest.approx(losses_by_strategy["live"], abs=1e-6)
+        losses = _dpo_losses(config, tmp_path / name)
+        assert losses[:compared_steps] == pytest.approx(live[:compared_steps], abs=1e-6), name
+    # LoRA: a live copy of the adapted model and "adapters off" are the same reference.
+    lora = {}
+    for reference in ("live", "lora"):
+        config = tiny_config.copy_and_resolve_references()
+        config.model.lora.rank = 4
+        config.dpo.reference = reference
+        lora[reference] = _dpo_losses(config, tmp_path / f"lora_{reference}")
+    assert lora["lora"] == pytest.approx(lora["live"], abs=1e-6)
+    assert lora["lora"][1] != lora["lora"][0]
 
 
 def test_precomputed_reference_is_cached_and_recomputed_when_the_data_changes(tiny_config, tmp_path):
     tiny_config.dpo.reference = "precomputed"
     tiny_config.dpo.reference_cache_dir = str(tmp_path / "cache")
-    _first_dpo_loss(tiny_config.copy_and_resolve_references(), tmp_path / "first")
+    _dpo_losses(tiny_config.copy_and_resolve_references(), tmp_path / "first", num_steps=1)
     first = {path.name: path.stat().st_mtime_ns for path in (tmp_path / "cache").iterdir()}
     assert len(first) == 1
     # Another run on the same data and reference reuses the file...
-    _first_dpo_loss(tiny_config.copy_and_resolve_references(), tmp_path / "second")
+    _dpo_losses(tiny_config.copy_and_resolve_references(), tmp_path / "second", num_steps=1)
     assert {path.name: path.stat().st_mtime_ns for path in (tmp_path / "cache").iterdir()} == first
     # ...and different data (another truncation length) gets a file of its own.
     changed = tiny_config.copy_and_resolve_references()
     changed.data.max_length = 20
-    _first_dpo_loss(changed, tmp_path / "changed")
+    _dpo_losses(changed, tmp_path / "changed", num_steps=1)
     assert len(list((tmp_path / "cache").iterdir())) == 2
 
 

@@ -1,0 +1,145 @@
+"""The benchmark: end to end in a tiny setting, its FLOP accounting, and `--plan`'s memory estimate.
+
+No timing is asserted: speed is what the benchmark prints, not what a test checks.
+"""
+
+import importlib.util
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+
+from configs import bench_hh, quickstart
+from conftest import SHARED_DATA, run_python
+from dpo_jax import bench, models, sharding, steps, train
+from dpo_jax.data import layouts
+from dpo_jax.models import transformer
+
+HH_DIR = os.path.join(SHARED_DATA, "hh-rlhf")
+STEP_FIELDS = ("pairs_per_sec", "tokens_per_sec", "padded_tokens_per_sec", "model_flops_per_step", "mfu",
+               "peak_flops", "compile_sec", "peak_memory_bytes", "state_bytes", "reference_bytes", "phase_sec")
+PHASES = ("policy_forward_backward", "reference_forward", "optimizer", "input_wait")
+
+
+def _last_json(result):
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not os.path.isdir(HH_DIR), reason=f"needs the HH manual dir {HH_DIR}")
+def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
+    """The real pipeline (hh_rlhf builder, a BPE trained on it, packed prefix-shared rows), and TRL
+    on the same pairs when it is installed."""
+    with_trl = all(importlib.util.find_spec(name) for name in ("trl", "torch", "transformers"))
+    result = _last_json(run_python(
+        ["-m", "dpo_jax.bench", "--config=configs/bench_hh.py:runlocal", f"--config.bench.workdir={tmp_path}",
+         f"--compare={'trl' if with_trl else 'none'}"]))
+    for field in STEP_FIELDS:
+        assert field in result, field
+    assert set(result["phase_sec"]) == set(PHASES)
+    assert result["layout"] == "packed_prefix_shared" and result["compiles"] == 1
+    assert 0 < result["mfu"] and 0 < result["pairs_per_sec"] <= result["tokens_per_sec"]
+    assert result["tokens_per_sec"] <= result["padded_tokens_per_sec"]
+    assert result["reference_bytes"] > 0  # a live reference
+    assert os.path.exists(os.path.join(tmp_path, "bpe512-hh_rlhf-harmless-base-test", "tokenizer.json"))
+    if with_trl:
+        assert result["trl"]["pairs_per_sec"] > 0 and result["trl_ratio"] > 0
+
+
+def test_benchmark_levers_off_on_the_synthetic_task(tmp_path):
+    """Every lever off, a precomputed reference, padding trimmed to buckets, and the compilation cache."""
+    cache = tmp_path / "xla_cache"
+    result = _last_json(run_python(
+        ["-m", "dpo_jax.bench", "--config=configs/bench_hh.py:runlocal,synthetic,layout=padded",
+         f"--config.bench.workdir={tmp_path}", "--config.dpo.reference=precomputed",
+         "--config.bench.prefetch=False", "--config.bench.donate=False", "--config.bench.lagged_metrics=False",
+         "--config.bench.length_buckets=(16,32)", f"--config.bench.compilation_cache_dir={cache}"]))
+    for field in STEP_FIELDS:
+        assert field in result, field
+    assert result["reference_bytes"] == 0 and "reference_forward" not in result["phase_sec"]
+    assert result["precompute_reference_sec"] > 0
+    assert result["levers"]["length_buckets"] == [16, 32] and result["compiles"] >= 1
+    assert os.listdir(cache)
+
+
+@pytest.mark.parametrize("layout", layouts.LAYOUTS)
+def test_attention_flops_count_the_pairs_the_model_attends(layout):
+    """The FLOP accounting's (query, key) pairs equal the true entries of the model's own mask."""
+    rng = np.random.default_rng(0)
+    pairs = [{"prompt": rng.integers(1, 50, n).tolist(), "chosen": rng.integers(1, 50, c).tolist(),
+              "rejected": rng.integers(1, 50, r).tolist()} for n, c, r in ((5, 3, 4), (2, 6, 1), (7, 2, 2))]
+    arrays = layouts.pair_arrays(pairs, layout, max_length=16, row_length=32, max_pairs_per_row=3)
+    rows = steps._dpo_rows(arrays)  # pylint: disable=protected-access
+    segment_ids = np.asarray(rows["segment_ids"])
+    if "branch_ids" in arrays:
+        mask = steps._prefix_shared_mask(segment_ids, arrays["branch_ids"])  # pylint: disable=protected-access
+    else:
+        index = np.arange(segment_ids.shape[1])
+        mask = transformer.attention_mask(segment_ids, segment_ids, index, index)[:, 0]
+    expected = int(np.sum(np.asarray(mask) & (segment_ids > 0)[:, :, None]))
+    counted = sum(bench._attended_pairs(arrays[key], arrays.get("branch_ids"))  # pylint: disable=protected-access
+                  for key in arrays if key.endswith("segment_ids"))
+    assert counted == expected
+
+
+def test_matmul_flops_per_token_counts_every_weight_matmul():
+    """2 FLOPs per weight of every matmul: all kernels, plus the tied embedding as the output layer."""
+    config = bench_hh.get_config()
+    _, abstract_params, _ = models.abstract_model(config.model)
+    kernels = sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)
+                  if "kernel" in jax.tree_util.keystr(path))
+    embedding = int(np.prod(abstract_params["token_embedding"]["embedding"].shape))
+    assert bench.matmul_flops_per_token(models.decoder_config(config.model)) == 2 * (kernels + embedding)
+
+
+PLAN_CHECK = """
+import json, sys
+sys.path.insert(0, ".")
+import jax
+from configs import quickstart
+from dpo_jax import bench, models, sharding, train
+result = {}
+for mesh_text, axes in (("data=1", dict(data=-1)), ("data=2,fsdp=4", dict(data=2, fsdp=4)),
+                        ("fsdp=2,tensor=4", dict(data=1, fsdp=2, tensor=4))):
+    config = quickstart.get_config()
+    config.model.update(vocab_size=512, embed_dim=128, mlp_dim=512, num_layers=2)
+    planned = bench.plan(config, "tpu-v5e", mesh_text)["bytes_per_device"]
+    config.mesh.update(axes)
+    devices = jax.devices()[:1] if mesh_text == "data=1" else None
+    mesh = sharding.make_mesh(config.mesh, devices)
+    model = train.plan_model(config, mesh)
+    stage = train.plan_stage("dpo", config, mesh, model)
+    params = models.init_params(config.model, seed=0, shardings=model.param_shardings)
+    state = jax.jit(stage.init_state, out_shardings=stage.state_shardings)(params)
+    result[mesh_text] = {"planned": sum(planned[k] for k in ("params", "opt_state", "ref_params")),
+                         "measured": sharding.bytes_per_device(state)}
+print(json.dumps(result))
+"""
+
+
+def test_plan_memory_matches_the_measured_train_state():
+    """--plan's per-device train-state bytes against a real state on 8 CPU devices, for three meshes."""
+    result = _last_json(run_python(["-c", PLAN_CHECK], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+    for mesh_text, figures in result.items():
+        assert figures["planned"] == pytest.approx(figures["measured"], rel=0.03), mesh_text
+
+
+def test_plan_command_line_for_a_preset_on_a_pod():
+    result = _last_json(run_python(["-m", "dpo_jax.bench", "--plan", "--config=configs/quickstart.py:model=pythia-2.8b",
+                                    "--accelerator=tpu-v5p", "--mesh=data=2,fsdp=8"]))
+    memory = result["bytes_per_device"]
+    assert result["devices"] == 16 and result["mode"] == "plan"
+    # 2.8B parameters in float32, split 8 ways by fsdp: about 1.4 GB per device.
+    assert 1.2e9 < memory["params"] < 1.6e9
+    assert memory["opt_state"] == pytest.approx(2 * memory["params"], rel=0.01)
+    assert memory["activations_remat"] < memory["activations"]
+    assert result["step_sec_lower_bound"] > 0
+
+
+def test_plan_without_the_reference_holds_no_reference_bytes():
+    config = quickstart.get_config()
+    config.dpo.reference = "precomputed"
+    result = bench.plan(config, "h100", "data=1")
+    assert result["bytes_per_device"]["ref_params"] == 0
+    assert result["flops_per_step"] < bench.plan(quickstart.get_config(), "h100", "data=1")["flops_per_step"]
