@@ -436,9 +436,21 @@ def _median_seconds(fn, repeats):
     return statistics.median(times)
 
 
-def phase_seconds(stage, model, state, batch, repeats):
-    """Seconds per step of each phase, jitted separately on one batch: policy forward+backward,
-    reference forward (live reference), optimizer update."""
+def attention_seconds(decoder_config, rows, row_length, repeats):
+    """Seconds of the policy's attention forward+backward in all layers (part of its forward+backward):
+    jax.nn.dot_product_attention on [rows, row_length] with a [rows, 1, T, T] mask, as the model calls it."""
+    shape = (rows, row_length, decoder_config.num_heads, decoder_config.resolved_head_dim)
+    dtype = jnp.dtype(decoder_config.dtype)
+    q, k, v = (jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.PRNGKey(0), 3))
+    mask = jnp.broadcast_to(jnp.tril(jnp.ones((row_length, row_length), bool)), (rows, 1, row_length, row_length))
+    attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask).astype(jnp.float32).sum()
+    grad_fn = jax.jit(jax.grad(attention, argnums=(0, 1, 2)))
+    return decoder_config.num_layers * _median_seconds(lambda: grad_fn(q, k, v), repeats)
+
+
+def phase_seconds(stage, model, decoder_config, state, batch, repeats):
+    """Seconds per step of each phase, jitted separately on one batch: policy forward+backward (and
+    the attention's share of it), reference forward (live reference), optimizer update."""
     phases = {}
     if state.ref_params is not None:
         reference_fn = jax.jit(functools.partial(steps.reference_logps, graphdef=model.graphdef))
@@ -447,6 +459,8 @@ def phase_seconds(stage, model, state, batch, repeats):
     # With the reference log-probs in the batch, the loss runs the policy only.
     grad_fn = jax.jit(jax.grad(lambda params: stage.loss_fn(params, None, batch, state.rng)[0]))
     phases["policy_forward_backward"] = _median_seconds(lambda: grad_fn(state.params), repeats)
+    rows, row_length = steps._dpo_rows(batch)["input_ids"].shape  # pylint: disable=protected-access
+    phases["policy_attention"] = attention_seconds(decoder_config, rows, row_length, repeats)
     grads = grad_fn(state.params)
 
     @jax.jit
@@ -519,7 +533,7 @@ def step_benchmark(config, compare):
     flops_per_step = totals["model_flops"] / options.steps
     peak_memory, peak_memory_source = _peak_memory()
     first = compiled[buckets[0]]
-    phases = phase_seconds(stage, model, state, fetch(0)[1], options.phase_repeats)
+    phases = phase_seconds(stage, model, decoder_config, state, fetch(0)[1], options.phase_repeats)
     phases["input_wait"] = waited / options.steps
     result = {
         "mode": "step", "backend": jax.default_backend(), "devices": mesh.size, "dtype": config.model.dtype,
@@ -548,8 +562,10 @@ def step_benchmark(config, compare):
           f"({result['padded_tokens_per_sec']:,.0f} padded), {flops_per_step / 1e9:.1f} GFLOP/step, "
           f"MFU {result['mfu']:.1%}, compile {compile_sec:.1f} s ({len(compiled)}), "
           f"peak memory {peak_memory / 2**20:,.0f} MiB ({peak_memory_source})")
-    print("per step: " + ", ".join(f"{name} {value * 1e3:.1f} ms" for name, value in phases.items())
-          + f"; fused step {result['step_sec'] * 1e3:.1f} ms")
+    print("per step: " + ", ".join(f"{name} {value * 1e3:.1f} ms" for name, value in phases.items()
+                                   if name != "policy_attention")
+          + f" (of which attention {phases['policy_attention'] * 1e3:.1f} ms); fused step "
+          f"{result['step_sec'] * 1e3:.1f} ms")
     if compare == "trl":
         result["trl"] = compare_trl(config, options, total_steps)
         result["trl_ratio"] = result["pairs_per_sec"] / result["trl"]["pairs_per_sec"]

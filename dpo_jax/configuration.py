@@ -77,8 +77,10 @@ def validate(config):
     _check({"aot", "aot_unpaired"}.isdisjoint(loss_types) or "packed" not in config.data.layout, "dpo.loss_type",
            f"{dpo.loss_type!r} sorts over the batch, which packed layouts fill with empty pair slots; "
            f"use data.layout='padded' or 'prefix_shared'")
-    _check(dpo.reference in ("live", "precomputed"), "dpo.reference",
-           f"must be live or precomputed, got {dpo.reference!r}")
+    _check(dpo.reference in ("live", "precomputed", "lora"), "dpo.reference",
+           f"must be live, precomputed or lora, got {dpo.reference!r}")
+    _check(dpo.reference != "lora" or config.model.lora.rank > 0, "dpo.reference",
+           "'lora' needs LoRA adapters: set model.lora.rank > 0")
     _check(dpo.reference_dtype in ("", "float32", "bfloat16", "float16"), "dpo.reference_dtype",
            f"must be '', float32, bfloat16 or float16, got {dpo.reference_dtype!r}")
     _check(dpo.reference_update_every >= 0, "dpo.reference_update_every", "must be >= 0")

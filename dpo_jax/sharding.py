@@ -101,9 +101,12 @@ def check_batch_size(batch_size, mesh, name):
 
 
 def opt_state_shardings(optimizer, abstract_opt_state, param_shardings, mesh):
-    """Optimizer moments sharded like their parameters; counters and other scalars replicated."""
-    return optax.tree_map_params(optimizer, lambda _, param_sharding: param_sharding, abstract_opt_state,
-                                 param_shardings, transform_non_params=lambda _: replicated(mesh))
+    """Optimizer moments sharded like their parameters; counters and other scalars replicated.
+    Parameters an `optax.multi_transform` leaves without state (frozen under LoRA) stay empty."""
+    masked = lambda x: isinstance(x, optax.MaskedNode)
+    return optax.tree_map_params(
+        optimizer, lambda state, param_sharding: state if masked(state) else param_sharding, abstract_opt_state,
+        param_shardings, transform_non_params=lambda _: replicated(mesh), is_leaf=masked)
 
 
 def bytes_per_device(tree):

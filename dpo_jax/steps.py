@@ -42,7 +42,7 @@ def init_state(params, optimizer, *, seed, live_reference, reference_dtype=None)
         rng=jax.random.PRNGKey(seed), ref_params=jax.tree.map(copy, params) if live_reference else None)
 
 
-def make_optimizer(train_config, stage_config):
+def make_optimizer(train_config, stage_config, trainable=None):
     """The optax transformation and learning-rate schedule of a stage."""
     warmup = optax.linear_schedule(0.0, stage_config.learning_rate, max(stage_config.warmup_steps, 1))
     decay_steps = max(stage_config.num_steps - stage_config.warmup_steps, 1)
@@ -59,6 +59,11 @@ def make_optimizer(train_config, stage_config):
         optimizer = optax.rmsprop(schedule)
     if train_config.grad_clip_norm:
         optimizer = optax.chain(optax.clip_by_global_norm(train_config.grad_clip_norm), optimizer)
+    if trainable is not None and not all(jax.tree.leaves(trainable)):
+        # Frozen parameters (the base weights under LoRA) get zero updates and no optimizer state;
+        # clipping sees only the trainable gradients.
+        labels = jax.tree.map(lambda train: "train" if train else "freeze", trainable)
+        optimizer = optax.multi_transform({"train": optimizer, "freeze": optax.set_to_zero()}, labels)
     return optimizer, schedule
 
 
@@ -75,13 +80,13 @@ def _prefix_shared_mask(segment_ids, branch_ids):
     return causal & same_segment & visible_branch
 
 
-def _shifted_logits(graphdef, params, batch, prefix=""):
+def _shifted_logits(graphdef, params, batch, prefix="", *, use_lora=True):
     """Logits predicting tokens 1..T-1, with their labels and loss mask (the prompt is never scored)."""
     input_ids = batch[prefix + "input_ids"]
     segment_ids = batch[prefix + "segment_ids"]
     mask = _prefix_shared_mask(segment_ids, batch["branch_ids"]) if "branch_ids" in batch else None
     logits = models.apply(graphdef, params, input_ids, positions=batch.get(prefix + "positions"),
-                          segment_ids=segment_ids, mask=mask)
+                          segment_ids=segment_ids, mask=mask, use_lora=use_lora)
     return logits[:, :-1], input_ids[:, 1:], batch[prefix + "loss_mask"][:, 1:]
 
 
@@ -114,7 +119,7 @@ def _pair_sums(per_token, batch, rows):
     return sums[:, 0], sums[:, 1]
 
 
-def _dpo_forward(graphdef, params, ref_params, batch):
+def _dpo_forward(graphdef, params, ref_params, batch, lora_reference=False):
     """Policy logits, labels and rows; the reference's (chosen, rejected) log-probs; and the
     reference logits when a live reference is run (None with precomputed log-probs in the batch)."""
     rows = _dpo_rows(batch)
@@ -123,7 +128,9 @@ def _dpo_forward(graphdef, params, ref_params, batch):
         reference_logits = None
         reference_logps = (batch["reference_chosen_logps"].reshape(-1), batch["reference_rejected_logps"].reshape(-1))
     else:
-        reference_logits, _, _ = _shifted_logits(graphdef, jax.lax.stop_gradient(ref_params), rows)
+        # LoRA: the reference is the policy's own weights with the adapters switched off.
+        reference, use_lora = (params, False) if lora_reference else (ref_params, True)
+        reference_logits, _, _ = _shifted_logits(graphdef, jax.lax.stop_gradient(reference), rows, use_lora=use_lora)
         reference_logps = _pair_sums(losses.token_logps(reference_logits, labels), batch, rows)
     return logits, reference_logits, reference_logps, labels, rows
 
@@ -194,7 +201,8 @@ def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
 def dpo_loss(params, ref_params, batch, rng, *, graphdef, dpo_config):
     """The preference loss of `dpo_config.loss_type` against the frozen (or precomputed) reference."""
     del rng
-    logits, _, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch)
+    logits, _, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch,
+                                                            dpo_config.reference == "lora")
     return _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config)
 
 
@@ -232,7 +240,7 @@ def _weighted_grads(loss_fn, params, ref_params, batch, rng, micro_batches):
 
 
 def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_batches=1, axis_name=None,
-               reference_update=None):
+               reference_update=None, trainable=None):
     """One optimizer step of `loss_fn`, exact under micro-batching and data parallelism.
 
     micro_batches: gradient accumulation; the update equals the one of the whole batch.
@@ -240,6 +248,8 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
       XLA partitions the global computation itself).
     reference_update: (tau, alpha) for TR-DPO: every tau steps the reference moves to
       alpha * policy + (1 - alpha) * reference (Gorbatovski et al. 2024, arXiv:2404.09656).
+    trainable: bools shaped like the params (LoRA: only the adapters); the gradient norm and the
+      finiteness check cover those, so XLA can skip the frozen weights' gradients.
     """
     rng, step_rng = jax.random.split(state.rng)
     (loss, metrics, grads), weight = _weighted_grads(loss_fn, state.params, state.ref_params, batch, step_rng,
@@ -250,7 +260,9 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     # A non-finite loss or gradient skips the update (the batch is still consumed), so one bad
     # batch cannot poison the parameters; the host counts these steps from the `nonfinite` metric.
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in jax.tree.leaves(grads)]))
+    trained_grads = [g for g, train in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable))
+                     if train] if trainable is not None else jax.tree.leaves(grads)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in trained_grads]))
     keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
     params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
     opt_state = keep_if_finite(opt_state, state.opt_state)
@@ -259,7 +271,7 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
         tau, alpha = reference_update
         mixed = jax.tree.map(lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), params, ref_params)
         ref_params = jax.lax.cond((state.step + 1) % tau == 0, lambda: mixed, lambda: ref_params)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(trained_grads),
                "learning_rate": schedule(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                          ref_params=ref_params), metrics
@@ -280,7 +292,8 @@ def sft_eval_step(params, ref_params, batch, *, graphdef):
 def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
     """DPO metrics plus, with a live reference, `kl`: exact KL(policy || reference) summed over
     each response, averaged over sequences."""
-    logits, reference_logits, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch)
+    logits, reference_logits, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch,
+                                                                            dpo_config.reference == "lora")
     loss, (metrics, _) = _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config)
     metrics = {**metrics, "loss": loss}
     if reference_logits is not None:

@@ -195,8 +195,9 @@ class StagePlan:
     schedule: Any
     loss_fn: Callable             # (params, ref_params, batch, rng) -> (loss, (metrics, weight))
     eval_fn: Callable             # (params, ref_params, batch) -> metrics
-    reference_mode: Optional[str] # None (SFT) | live | precomputed
+    reference_mode: Optional[str] # None (SFT) | live | precomputed | lora
     reference_update: Optional[tuple]  # TR-DPO (tau, alpha)
+    trainable: Any                # bools shaped like the params: what the optimizer updates (LoRA: adapters)
     init_state: Callable          # params -> TrainState at step 0
     abstract_state: Any
     state_shardings: Any
@@ -204,7 +205,8 @@ class StagePlan:
 
 def plan_stage(stage, config, mesh, model):
     """Everything a stage compiles: optimizer, losses, and the train state's shapes and shardings."""
-    optimizer, schedule = steps.make_optimizer(config.train, config[stage])
+    trainable = models.trainable_mask(model.abstract_params)
+    optimizer, schedule = steps.make_optimizer(config.train, config[stage], trainable)
     loss_fn, eval_fn = steps.stage_functions(stage, model.graphdef, config)
     reference_mode = config.dpo.reference if stage == "dpo" else None
     live_reference = reference_mode == "live"
@@ -219,8 +221,8 @@ def plan_stage(stage, config, mesh, model):
         step=replicated, params=model.param_shardings,
         opt_state=sharding.opt_state_shardings(optimizer, abstract_state.opt_state, model.param_shardings, mesh),
         rng=replicated, ref_params=model.param_shardings if live_reference else None)
-    return StagePlan(stage, optimizer, schedule, loss_fn, eval_fn, reference_mode, reference_update, init_state,
-                     checkpointing.with_shardings(abstract_state, state_shardings), state_shardings)
+    return StagePlan(stage, optimizer, schedule, loss_fn, eval_fn, reference_mode, reference_update, trainable,
+                     init_state, checkpointing.with_shardings(abstract_state, state_shardings), state_shardings)
 
 
 def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, writer, budget):
@@ -243,6 +245,10 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
     start_params = None
     if latest is None or plan.reference_mode == "precomputed":
         start_params = _initial_params(stage, config, previous_params, model.abstract_params)
+    if latest is None and plan.reference_mode == "lora":
+        # Adapters off must give this stage's starting model (e.g. the LoRA-SFT result), not the base.
+        start_params = models.fold_adapters(config.model, start_params, seed=config.seed,
+                                            shardings=model.param_shardings)
     if plan.reference_mode == "precomputed":
         splits = reference.with_reference_logps(
             {"train": train_arrays, "eval": eval_arrays}, start_params, graphdef=model.graphdef, mesh=mesh,
@@ -267,7 +273,8 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
     batch_sharding = sharding.batch_sharding(mesh)
     train_step = jax.jit(
         functools.partial(steps.train_step, loss_fn=plan.loss_fn, optimizer=plan.optimizer, schedule=plan.schedule,
-                          micro_batches=config.train.grad_accum_steps, reference_update=plan.reference_update),
+                          micro_batches=config.train.grad_accum_steps, reference_update=plan.reference_update,
+                          trainable=plan.trainable),
         in_shardings=(plan.state_shardings, batch_sharding), out_shardings=(plan.state_shardings, replicated),
         donate_argnums=0)
     eval_step = jax.jit(plan.eval_fn, in_shardings=(model.param_shardings, plan.state_shardings.ref_params,

@@ -20,7 +20,7 @@ from dpo_jax.models import transformer
 HH_DIR = os.path.join(SHARED_DATA, "hh-rlhf")
 STEP_FIELDS = ("pairs_per_sec", "tokens_per_sec", "padded_tokens_per_sec", "model_flops_per_step", "mfu",
                "peak_flops", "compile_sec", "peak_memory_bytes", "state_bytes", "reference_bytes", "phase_sec")
-PHASES = ("policy_forward_backward", "reference_forward", "optimizer", "input_wait")
+PHASES = ("policy_forward_backward", "policy_attention", "reference_forward", "optimizer", "input_wait")
 
 
 def _last_json(result):
