@@ -1,7 +1,7 @@
 """Shared config pieces: model presets, the default config tree, and the `key=value,...` arg parser.
 
 Every config file builds on `base_config()`, so that all runs share one schema (and the
-validation in `dpo_jax.config_validation` knows every key).
+validation in `dpo_jax.configuration` knows every key).
 """
 
 import ml_collections

@@ -107,7 +107,23 @@ def validate(config):
 
     _validate_data(config)
 
+    _validate_model(config)
+
+
+def _validate_model(config):
     model = config.model
+    if model.init_from_hf:
+        # The architecture is the checkpoint's: its config.json must read (a clear error if not),
+        # and the length check is against its positions.
+        from dpo_jax import models  # pylint: disable=import-outside-toplevel
+        try:
+            architecture = models.decoder_config(model)
+        except (OSError, ValueError, KeyError) as error:
+            raise ValueError(f"config.model.init_from_hf: {error}") from error
+        _check(config.data.max_length <= architecture.max_position_embeddings, "data.max_length",
+               f"exceeds the max_position_embeddings={architecture.max_position_embeddings} of "
+               f"model.init_from_hf={model.init_from_hf!r}")
+        return
     _check(model.embed_dim % model.num_heads == 0 or model.head_dim, "model.num_heads",
            f"must divide model.embed_dim={model.embed_dim} (or set model.head_dim)")
     _check(model.num_heads % model.num_kv_heads == 0, "model.num_kv_heads",
