@@ -199,7 +199,7 @@ def base_config():
         label_smoothing=0.0,                  # cDPO: assumed probability that a label is flipped
         reference="live",                     # live: frozen copy of the starting params, run in the step |
                                               #   precomputed: reference log-probs computed once, no reference
-                                              #   model in training
+                                              #   model in training | lora: the weights with adapters off
         reference_cache_dir="",               # precomputed: where reference log-probs are cached and reused
                                               #   ("" = <workdir>/reference_logps)
         reference_dtype="",                   # live: store the reference in this dtype ("" = as params; bfloat16)

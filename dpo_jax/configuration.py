@@ -9,6 +9,9 @@ evaluates or saves, or the mesh it runs on).
 import json
 import os
 
+import jax
+import jax.numpy as jnp
+
 from configs import common
 from dpo_jax import losses
 
@@ -53,6 +56,28 @@ def _check_schema(config):
             _check(isinstance(value, type(default)), key, f"expected {type(default).__name__}, got {value!r}")
 
 
+def loss_arguments(dpo_config):
+    """`preference_loss` keyword arguments of `config.dpo`: the loss type (names separated by commas
+    make a mixture) and the variant options that are set (unset ones are None)."""
+    options = {key: value for key, value in dpo_config.loss_options.items() if value is not None}
+    if "loss_weights" in options:
+        options["loss_weights"] = tuple(float(weight) for weight in options["loss_weights"].split(","))
+    names = tuple(name.strip() for name in dpo_config.loss_type.split(","))
+    return {"loss_type": names if len(names) > 1 else names[0], **options}
+
+
+def _check_loss(dpo):
+    """Traces the loss once on dummy pairs, so a bad option fails here, naming itself."""
+    pairs = jnp.zeros(2, jnp.float32)
+    lengths = jnp.ones(2, jnp.float32)
+    try:
+        jax.eval_shape(lambda: losses.preference_loss(
+            pairs, pairs, pairs, pairs, beta=dpo.beta, label_smoothing=dpo.label_smoothing, chosen_lengths=lengths,
+            rejected_lengths=lengths, **loss_arguments(dpo)))
+    except (ValueError, TypeError) as error:
+        raise ValueError(f"config.dpo.loss_options / loss_type: {error}") from error
+
+
 def validate(config):
     """Raises ValueError naming the key for any invalid value of the config."""
     _check_schema(config)
@@ -74,6 +99,7 @@ def validate(config):
     loss_types = [name.strip() for name in dpo.loss_type.split(",")]
     _check(all(name in losses.LOSS_TYPES for name in loss_types), "dpo.loss_type",
            f"{dpo.loss_type!r} is not one of {losses.LOSS_TYPES} (or several, separated by commas)")
+    _check_loss(dpo)
     _check({"aot", "aot_unpaired"}.isdisjoint(loss_types) or "packed" not in config.data.layout, "dpo.loss_type",
            f"{dpo.loss_type!r} sorts over the batch, which packed layouts fill with empty pair slots; "
            f"use data.layout='padded' or 'prefix_shared'")

@@ -19,7 +19,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import losses, models
+from dpo_jax import configuration, losses, models
 from dpo_jax.data import layouts
 
 
@@ -161,16 +161,6 @@ def sft_loss(params, ref_params, batch, rng, *, graphdef):
     return nll, ({"nll": nll}, num_tokens)
 
 
-def _loss_options(dpo_config):
-    """`preference_loss` keyword arguments of the config: the loss type (names separated by commas
-    make a mixture) and the variant options that are set (unset ones are None)."""
-    options = {key: value for key, value in dpo_config.loss_options.items() if value is not None}
-    if "loss_weights" in options:
-        options["loss_weights"] = tuple(float(weight) for weight in options["loss_weights"].split(","))
-    names = tuple(name.strip() for name in dpo_config.loss_type.split(","))
-    return {"loss_type": names if len(names) > 1 else names[0], **options}
-
-
 def _masked_mean(values, pair_mask):
     return jnp.sum(values * pair_mask) / jnp.maximum(jnp.sum(pair_mask), 1.0)
 
@@ -179,7 +169,7 @@ def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
     """Loss and metrics averaged over the batch's pairs (packed: the real ones), and their number."""
     policy_chosen, policy_rejected = _pair_sums(losses.token_logps(logits, labels), batch, rows)
     chosen_lengths, rejected_lengths = _pair_sums(jnp.ones(labels.shape, jnp.float32), batch, rows)
-    options = dict(beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing, **_loss_options(dpo_config))
+    options = dict(beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing, **configuration.loss_arguments(dpo_config))
     inputs = (policy_chosen, policy_rejected, *reference_logps, chosen_lengths, rejected_lengths)
 
     def pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths,

@@ -265,6 +265,6 @@ def test_any_config_is_validated_cleanly_or_refused_naming_a_key(overrides):
         assert "config." in str(error)
     else:
         for key, value in overrides.items():
-            if key in flat and value is not None:
+            if flat.get(key) is not None and value is not None:  # optional (None) fields are typed by ml_collections
                 assert type(flat[key]) is type(value) or isinstance(flat[key], float), (key, value)
     assert copy.deepcopy(config) is not None
