@@ -8,6 +8,7 @@ GPT-2-architecture decoder (4 layers, width 256, 4 heads), 8 pairs per step, seq
   python -m dpo_jax.bench --config=configs/bench_hh.py --compare=trl            # + TRL's DPOTrainer
   python -m dpo_jax.bench --config=configs/bench_hh.py:layout=padded            # a lever off
   python -m dpo_jax.bench --config=configs/bench_hh.py --config.bench.prefetch=False
+  python -m dpo_jax.bench --config=configs/bench_hh.py --ab_config=configs/bench_hh.py:layout=padded  # A/B, one process
   python -m dpo_jax.bench --config=configs/bench_hh.py:runlocal                 # seconds (tests)
   python -m dpo_jax.bench --config=configs/bench_hh.py:synthetic                # no HH data at hand
 
@@ -52,6 +53,7 @@ def bench_options():
                                           #   fits the batch, one compile per bucket used; () = the full row
         compilation_cache_dir="",         # JAX persistent compilation cache ("" = off): a rerun loads, not compiles
         trl_steps=0,                      # --compare=trl: timed TRL steps (0 = as many as `steps`)
+        ab_rounds=3,                      # --ab_config: alternating rounds of `steps` steps per config
     ))
 
 
@@ -87,5 +89,5 @@ def get_config(arg=None):
         data.max_length, data.max_prompt_length = 64, 32
         if data.row_length:
             data.row_length = 2 * data.max_length
-        config.bench.update(steps=2, warmup_steps=1, phase_repeats=1, matmul_probe_size=256)
+        config.bench.update(steps=2, warmup_steps=1, phase_repeats=1, matmul_probe_size=256, ab_rounds=2)
     return config

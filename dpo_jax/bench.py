@@ -7,7 +7,11 @@ Modes:
                 compile seconds, peak memory, and the time per phase (policy forward+backward,
                 reference forward, optimizer, input pipeline wait). `config.bench` switches the levers.
                 --compare=trl also runs TRL's DPOTrainer on the same pairs, tokenizer, architecture and
-                batch in a subprocess, and prints the ratio.
+                batch in a subprocess, and prints the ratio. --ab_config=<config> measures a second
+                config against the first in the same process, in alternating rounds (a lever's
+                on/off ratio on a shared machine):
+                  python -m dpo_jax.bench --config=configs/bench_hh.py \
+                      --ab_config=configs/bench_hh.py --ab_config.bench.prefetch=False
   state_memory  Train-state bytes per device of the DPO stage under each reference strategy, from
                 shapes alone on the local devices.
   logps         Sequence log-probs (forward and backward, from the final hidden states) on one
@@ -35,6 +39,7 @@ import sys
 import tempfile
 import threading
 import time
+from typing import Any, Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -54,6 +59,9 @@ _ACCELERATOR = flags.DEFINE_string("accelerator", "tpu-v5p", "--plan: tpu-v4 | t
 _MESH = flags.DEFINE_string("mesh", "", "--plan: mesh axis sizes, e.g. data=2,fsdp=8 (default: config.mesh, "
                                         "with -1 read as 1).")
 _LOGPS_VOCAB_SIZES = flags.DEFINE_list("logps_vocab_sizes", ["8192", "65536"], "logps mode: vocabularies.")
+_AB_CONFIG = config_flags.DEFINE_config_file(
+    "ab_config", None, "step mode: a second config (B) measured against --config (A) in the same process, "
+    "e.g. --ab_config=configs/bench_hh.py --ab_config.bench.prefetch=False.", lock_config=False)
 _TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this spec file and print JSON.")
 
 # Metrics are read this many steps after their step was dispatched, as train.py does.
@@ -472,18 +480,35 @@ def phase_seconds(stage, model, decoder_config, state, batch, repeats):
     return phases
 
 
-def step_benchmark(config, compare):
+@dataclasses.dataclass
+class _Benchmark:
+    """One benchmarked configuration, compiled and ready to step: batch `i` is `fetch(i)`."""
+    config: Any
+    stage: Any
+    model: Any
+    decoder_config: Any
+    mesh: Any
+    state: Any
+    compiled: dict            # bucket length -> compiled train step
+    fetch: Callable           # index -> (bucket length, device batch)
+    stats: list               # batch_stats of every batch the run will use
+    compile_sec: float
+    precompute_sec: Optional[float]
+    next_index: int = 0
+
+    def run(self, num_steps):
+        """Steps through the next `num_steps` batches: (seconds, seconds waiting for input, their stats)."""
+        indices = range(self.next_index, self.next_index + num_steps)
+        self.state, seconds, waited = _run_steps(self.compiled, self.state, self.fetch, indices, self.config.bench)
+        self.next_index += num_steps
+        return seconds, waited, [self.stats[i] for i in indices]
+
+
+def _prepare(config, num_batches):
+    """Data, state and compiled steps of a resolved config, with `num_batches` batches planned."""
     options = config.bench
-    os.makedirs(options.workdir, exist_ok=True)
-    if options.compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", options.compilation_cache_dir)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache the small programs too
-    _resolve(config, options.workdir)
     decoder_config = models.decoder_config(config.model)
     live = config.dpo.reference == "live"
-    peak_flops, peak_source = _peak_flops(config, options)
-    print(f"peak {peak_flops / 1e9:,.1f} GFLOP/s ({peak_source}, {config.model.dtype})")
-
     mesh = sharding.make_mesh(config.mesh)
     model = train.plan_model(config, mesh)
     stage = train.plan_stage("dpo", config, mesh, model)
@@ -501,11 +526,10 @@ def step_benchmark(config, compare):
     del params
     batches = loader.train_batches(arrays, global_batch_size=config.train.global_batch_size, seed=config.seed)
     row_length = next(v for k, v in arrays.items() if k.endswith("input_ids")).shape[1]
-    total_steps = options.warmup_steps + options.steps
 
     # Host-side pass over the run's batches: which bucket each needs, and what it holds.
     buckets, stats = [], []
-    for index in range(total_steps):
+    for index in range(num_batches):
         host_batch = batches[index]
         buckets.append(_bucket(host_batch, tuple(options.length_buckets), row_length))
         stats.append(batch_stats(_trim(host_batch, buckets[-1]), decoder_config, live))
@@ -525,52 +549,112 @@ def step_benchmark(config, compare):
     for length in sorted(set(buckets)):  # one compile per bucket the run uses
         compiled[length] = step_fn.lower(state, fetch(buckets.index(length))[1]).compile()
     compile_sec = time.perf_counter() - started
+    return _Benchmark(config, stage, model, decoder_config, mesh, state, compiled, fetch, stats, compile_sec,
+                      precompute_sec)
 
-    state, _, _ = _run_steps(compiled, state, fetch, range(options.warmup_steps), options)
-    state, seconds, waited = _run_steps(compiled, state, fetch, range(options.warmup_steps, total_steps), options)
-    timed = stats[options.warmup_steps:]
-    totals = {key: sum(s[key] for s in timed) for key in timed[0]}
-    flops_per_step = totals["model_flops"] / options.steps
+
+def _report(bench, seconds, waited, stats, peak_flops, peak_source):
+    """The result fields of timed steps (`stats` of their batches, `seconds` in all), phases measured now."""
+    config, options = bench.config, bench.config.bench
+    num_steps = len(stats)
+    totals = {key: sum(s[key] for s in stats) for key in stats[0]}
+    live = config.dpo.reference == "live"
+    first = next(iter(bench.compiled.values()))
+    phases = phase_seconds(bench.stage, bench.model, bench.decoder_config, bench.state, bench.fetch(0)[1],
+                           options.phase_repeats)
+    phases["input_wait"] = waited / num_steps
     peak_memory, peak_memory_source = _peak_memory()
-    first = compiled[buckets[0]]
-    phases = phase_seconds(stage, model, decoder_config, state, fetch(0)[1], options.phase_repeats)
-    phases["input_wait"] = waited / options.steps
     result = {
-        "mode": "step", "backend": jax.default_backend(), "devices": mesh.size, "dtype": config.model.dtype,
-        "layout": config.data.layout, "reference": config.dpo.reference, "steps": options.steps,
-        "pairs_per_step": totals["pairs"] / options.steps,
+        "mode": "step", "backend": jax.default_backend(), "devices": bench.mesh.size, "dtype": config.model.dtype,
+        "layout": config.data.layout, "reference": config.dpo.reference, "steps": num_steps,
+        "pairs_per_step": totals["pairs"] / num_steps,
         "pairs_per_sec": totals["pairs"] / seconds,
         "tokens_per_sec": totals["real_tokens"] / seconds,
         "padded_tokens_per_sec": totals["padded_tokens"] / seconds,
         "padding_fraction": 1 - totals["real_tokens"] / totals["padded_tokens"],
-        "step_sec": seconds / options.steps,
-        "model_flops_per_step": flops_per_step,
+        "step_sec": seconds / num_steps,
+        "model_flops_per_step": totals["model_flops"] / num_steps,
         "xla_flops_per_step": (first.cost_analysis() or {}).get("flops"),
         "peak_flops": peak_flops, "peak_flops_source": peak_source,
         "mfu": totals["model_flops"] / seconds / peak_flops,
-        "compile_sec": compile_sec, "compiles": len(compiled),
-        "precompute_reference_sec": precompute_sec,
+        "compile_sec": bench.compile_sec, "compiles": len(bench.compiled),
+        "precompute_reference_sec": bench.precompute_sec,
         "peak_memory_bytes": peak_memory, "peak_memory_source": peak_memory_source,
-        "state_bytes": sharding.bytes_per_device(state),
-        "reference_bytes": sharding.bytes_per_device(state.ref_params) if live else 0,
+        "state_bytes": sharding.bytes_per_device(bench.state),
+        "reference_bytes": sharding.bytes_per_device(bench.state.ref_params) if live else 0,
         "step_temp_bytes": first.memory_analysis().temp_size_in_bytes,
         "phase_sec": phases,
         "levers": {key: options[key] for key in ("prefetch", "donate", "lagged_metrics", "length_buckets",
                                                  "compilation_cache_dir")} | {"remat": config.model.remat},
     }
     print(f"{result['pairs_per_sec']:.2f} pairs/s, {result['tokens_per_sec']:,.0f} real tokens/s "
-          f"({result['padded_tokens_per_sec']:,.0f} padded), {flops_per_step / 1e9:.1f} GFLOP/step, "
-          f"MFU {result['mfu']:.1%}, compile {compile_sec:.1f} s ({len(compiled)}), "
+          f"({result['padded_tokens_per_sec']:,.0f} padded), {result['model_flops_per_step'] / 1e9:.1f} GFLOP/step, "
+          f"MFU {result['mfu']:.1%}, compile {bench.compile_sec:.1f} s ({len(bench.compiled)}), "
           f"peak memory {peak_memory / 2**20:,.0f} MiB ({peak_memory_source})")
     print("per step: " + ", ".join(f"{name} {value * 1e3:.1f} ms" for name, value in phases.items()
                                    if name != "policy_attention")
           + f" (of which attention {phases['policy_attention'] * 1e3:.1f} ms); fused step "
           f"{result['step_sec'] * 1e3:.1f} ms")
+    return result
+
+
+def _start(config):
+    """Process-wide settings of the benchmark, the config resolved, and the devices' peak FLOP/s."""
+    options = config.bench
+    os.makedirs(options.workdir, exist_ok=True)
+    if options.compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", options.compilation_cache_dir)
+        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache the small programs too
+    _resolve(config, options.workdir)
+    peak_flops, peak_source = _peak_flops(config, options)
+    print(f"peak {peak_flops / 1e9:,.1f} GFLOP/s ({peak_source}, {config.model.dtype})")
+    return peak_flops, peak_source
+
+
+def step_benchmark(config, compare):
+    peak = _start(config)
+    options = config.bench
+    bench = _prepare(config, options.warmup_steps + options.steps)
+    bench.run(options.warmup_steps)
+    result = _report(bench, *bench.run(options.steps), *peak)
     if compare == "trl":
-        result["trl"] = compare_trl(config, options, total_steps)
+        result["trl"] = compare_trl(config, options)
         result["trl_ratio"] = result["pairs_per_sec"] / result["trl"]["pairs_per_sec"]
         print(f"TRL {result['trl']['pairs_per_sec']:.2f} pairs/s; dpo_jax / TRL = {result['trl_ratio']:.2f}x")
     return result
+
+
+def ab_benchmark(config, other):
+    """`config` (A) against `other` (B) in one process: after both compile and warm up, rounds of
+    `bench.steps` steps alternate between them, so both see the same machine; the ratio is of the
+    medians over rounds of pairs/s. (The persistent compilation cache and XLA_FLAGS are process-wide:
+    compare those across processes.)"""
+    peak = _start(config)
+    _resolve(other, other.bench.workdir)
+    options = config.bench
+    rounds, num_steps = options.ab_rounds, options.steps
+    benches = {"a": _prepare(config, options.warmup_steps + rounds * num_steps),
+               "b": _prepare(other, options.warmup_steps + rounds * num_steps)}
+    for bench in benches.values():
+        bench.run(options.warmup_steps)
+    timed = {name: [] for name in benches}
+    for _ in range(rounds):
+        for name, bench in benches.items():
+            timed[name].append(bench.run(num_steps))
+    results, round_rates = {}, {}
+    for name, bench in benches.items():
+        print(f"{name.upper()}:")
+        stats = [s for _, _, batch_stats_ in timed[name] for s in batch_stats_]
+        seconds, waited = (sum(t[i] for t in timed[name]) for i in (0, 1))
+        results[name] = _report(bench, seconds, waited, stats, *peak)
+        round_rates[name] = [sum(s["pairs"] for s in round_stats) / round_seconds
+                             for round_seconds, _, round_stats in timed[name]]
+    medians = {name: statistics.median(rates) for name, rates in round_rates.items()}
+    ratio = medians["a"] / medians["b"]
+    print(f"A {medians['a']:.2f} pairs/s, B {medians['b']:.2f} pairs/s (medians of {rounds} rounds): "
+          f"A / B = {ratio:.2f}x")
+    return {"mode": "ab", "rounds": rounds, "round_pairs_per_sec": round_rates, "median_pairs_per_sec": medians,
+            "ratio": ratio, "a": results["a"], "b": results["b"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -604,7 +688,7 @@ def _padded_pairs(config, total_steps):
     return pairs, pairs_per_step
 
 
-def compare_trl(config, options, total_steps):
+def compare_trl(config, options):
     """Runs TRL's DPOTrainer in a subprocess on the same pairs, tokenizer, architecture and batch."""
     trl_steps = options.trl_steps or options.steps
     pairs, pairs_per_step = _padded_pairs(config, options.warmup_steps + trl_steps)
@@ -707,7 +791,13 @@ def main(argv):
         if "bench" not in config:  # a training config: the benchmark's default options
             from configs import bench_hh  # pylint: disable=import-outside-toplevel
             config.bench = bench_hh.bench_options()
-        result = step_benchmark(config, _COMPARE.value)
+        if _AB_CONFIG.value is not None:
+            other = _AB_CONFIG.value
+            if "bench" not in other:
+                other.bench = config.bench.copy_and_resolve_references()
+            result = ab_benchmark(config, other)
+        else:
+            result = step_benchmark(config, _COMPARE.value)
     print(json.dumps(result))
 
 
