@@ -131,7 +131,7 @@ def test_plan_command_line_for_a_preset_on_a_pod():
     memory = result["bytes_per_device"]
     assert result["devices"] == 16 and result["mode"] == "plan"
     # 2.8B parameters in float32, split 8 ways by fsdp: about 1.4 GB per device.
-    assert 1.2e9 < memory["params"] < 1.6e9
+    assert memory["params"] > 1.2e9 and memory["params"] < 1.6e9
     assert memory["opt_state"] == pytest.approx(2 * memory["params"], rel=0.01)
     assert memory["activations_remat"] < memory["activations"]
     assert result["step_sec_lower_bound"] > 0

@@ -55,7 +55,8 @@ def test_workdir_contract(finished_run):
     for stage in ("sft", "dpo"):
         assert summary[stage]["steps"] == 6
         assert len(summary[stage]["params_fingerprint"]) == 64
-        assert summary[stage]["wall_seconds"] > 0 and summary[stage]["tokens_per_sec"] > 0
+        for key in ("wall_seconds", "tokens_per_sec"):  # recorded (their values are measurements)
+            assert summary[stage][key] > 0, key
     assert summary["dpo"]["eval_before"]["rewards/accuracies"] == 0.5
     assert summary["dpo"]["eval"] == {k: v for k, v in records[-1].items() if k not in ("stage", "split", "step")}
     assert "preference accuracy" in result.stdout and "KL to reference" in result.stdout
