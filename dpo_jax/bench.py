@@ -344,12 +344,23 @@ def _peak_flops(config, options):
     return matmul_peak(jnp.dtype(config.model.dtype), options.matmul_probe_size), "matmul probe"
 
 
+def _peak_rss():
+    """This process's peak resident bytes: Linux's VmHWM (ru_maxrss would carry over the parent's
+    peak into a subprocess such as the TRL run), else ru_maxrss (KiB on Linux)."""
+    if os.path.exists("/proc/self/status"):
+        with open("/proc/self/status", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
 def _peak_memory():
     """(peak bytes, source): the device allocator's peak where it reports one, else the process's peak RSS."""
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
         return max(d.memory_stats()["peak_bytes_in_use"] for d in jax.local_devices()), "device"
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024, "process_rss"
+    return _peak_rss(), "process_rss"
 
 
 def _ensure_tokenizer(config, workdir):
@@ -772,7 +783,7 @@ def trl_worker(spec_path):
             "step_sec": seconds / spec["steps"], "steps": spec["steps"], "torch_threads": torch.get_num_threads(),
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
             "attn_implementation": policy.config._attn_implementation,  # pylint: disable=protected-access
-            "peak_memory_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+            "peak_memory_bytes": _peak_rss()}
 
 
 def main(argv):
