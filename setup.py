@@ -31,6 +31,8 @@ EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]>=0.7.0"],
     "cuda": ["jax[cuda12]>=0.7.0"],
     "test": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.88"],
+    # Paper reproduction: the sentiment scorer of the frontier experiment and the result plots.
+    "repro": ["vaderSentiment>=3.3.2", "matplotlib>=3.8"],
     # Logit parity against Hugging Face models. The torch pin takes the CPU build; an
     # unpinned torch pulls a multi-GB CUDA build.
     "parity": ["transformers>=4.46", "torch==2.13.0"],

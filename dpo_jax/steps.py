@@ -30,6 +30,7 @@ class TrainState:
     opt_state: Any           # optax state of `params`
     rng: jax.Array           # advanced every step, for stochastic variants
     ref_params: Optional[Any] = None  # frozen reference (DPO with a live reference); no optimizer state
+    stage_state: Optional[Any] = None  # what a stage carries between steps besides the above (PPO: the KL coefficient)
 
 
 def init_state(params, optimizer, *, seed, live_reference, reference_dtype=None):

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs the test suite. Installs the package with its test and parity extras into .venv first.
+# Runs the test suite. Installs the package with its test, parity and repro extras into .venv first.
 # Extra arguments go to pytest (e.g. -k losses, -m "not slow").
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="test,parity" source launch/venv.sh
+EXTRAS="test,parity,repro" source launch/venv.sh
 python -m pytest "$@"

@@ -21,11 +21,13 @@ from flax import nnx
 from dpo_jax import sharding
 from dpo_jax.models import hf, lora
 from dpo_jax.models.lora import trainable_mask
+from dpo_jax.models.scalar import ScalarModel, abstract_scalar_model, apply_scalar, init_scalar_params
 from dpo_jax.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_jax.models.transformer import Decoder, DecoderConfig
 
-__all__ = ["Decoder", "DecoderConfig", "Tokenizer", "abstract_model", "apply", "decoder_config", "fold_adapters",
-           "init_params", "load_hf", "load_tokenizer", "save_hf", "trainable_mask"]
+__all__ = ["Decoder", "DecoderConfig", "ScalarModel", "Tokenizer", "abstract_model", "abstract_scalar_model", "apply",
+           "apply_scalar", "decoder_config", "fold_adapters", "init_params", "init_scalar_params", "load_hf",
+           "load_tokenizer", "save_hf", "trainable_mask"]
 
 # Parameters are created abstractly and placed by jit out_shardings, not sharded eagerly by Flax.
 nnx.use_eager_sharding(False)

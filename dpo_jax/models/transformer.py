@@ -388,6 +388,11 @@ class Decoder(nnx.Module):
         mask: [batch, time, time] bool, replacing the causal/segment mask (e.g. prefix-shared layouts:
             two responses attending to one shared prompt but not to each other).
         """
+        positions, mask = self._positions_and_mask(input_ids, positions, segment_ids, mask)
+        logits, _ = self._forward(input_ids, positions, mask)
+        return logits
+
+    def _positions_and_mask(self, input_ids, positions, segment_ids, mask):
         batch, length = input_ids.shape
         if positions is None:
             positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
@@ -401,8 +406,15 @@ class Decoder(nnx.Module):
             mask = mask[:, None]
             if self.config.sliding_window:  # the window still applies to an explicit mask
                 mask = mask & _within_window(positions, positions, self.config.sliding_window)
-        logits, _ = self._forward(input_ids, positions, mask)
-        return logits
+        return positions, mask
+
+    def features(self, input_ids, positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
+                 *, mask: Optional[jax.Array] = None):
+        """The final normed hidden states [batch, time, embed_dim], before the unembedding (arguments as
+        `__call__`): the input of scalar heads (reward and value models)."""
+        positions, mask = self._positions_and_mask(input_ids, positions, segment_ids, mask)
+        hidden, _ = self._trunk(input_ids, positions, mask)
+        return hidden
 
     def decode(self, input_ids, positions, segment_ids, cache, *, last_only=False):
         """Runs `input_ids` [batch, time] into the next `time` slots of `cache`: (logits, updated cache).
@@ -421,6 +433,11 @@ class Decoder(nnx.Module):
                         "layers": layers}
 
     def _forward(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
+        x, new_caches = self._trunk(input_ids, positions, mask, layer_caches, cache_index, last_only)
+        logits = self.token_embedding.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits, new_caches
+
+    def _trunk(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
         config = self.config
         x = self.token_embedding(input_ids)
         if config.scale_embeddings:
@@ -437,6 +454,4 @@ class Decoder(nnx.Module):
                 x, _ = nnx.remat(lambda blk, h: blk(h, positions, mask))(block, x)
             else:
                 x, _ = block(x, positions, mask)
-        x = self.final_norm(x[:, -1:] if last_only else x)
-        logits = self.token_embedding.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits, new_caches
+        return self.final_norm(x[:, -1:] if last_only else x), new_caches
