@@ -180,12 +180,38 @@ def base_config():
         log_every_steps=10,                   # train metrics to metrics.jsonl / TensorBoard
     ))
 
+    config.pretrain = ml_collections.ConfigDict(dict(
+        num_steps=1000,                       # optimizer steps of next-token training on whole texts
+        learning_rate=1e-3,                   # peak learning rate
+        warmup_steps=50,                      # linear warmup steps
+        schedule="cosine",                    # constant | linear | cosine (decay after warmup)
+        init_from="",                         # Orbax checkpoint dir to start from ("" = model init)
+    ))
+
     config.sft = ml_collections.ConfigDict(dict(
         num_steps=200,                        # optimizer steps of the SFT stage
         learning_rate=1e-3,                   # peak learning rate
         warmup_steps=20,                      # linear warmup steps
         schedule="constant",                  # constant | linear | cosine (decay after warmup)
-        init_from="",                         # Orbax checkpoint dir to start from ("" = model init)
+        init_from="",                         # Orbax checkpoint dir to start from ("" = previous stage, else model init)
+    ))
+
+    config.reward = ml_collections.ConfigDict(dict(
+        num_steps=200,                        # optimizer steps of the reward model (Bradley-Terry on the DPO pairs)
+        learning_rate=1e-4,                   # peak learning rate
+        warmup_steps=10,                      # linear warmup steps
+        schedule="constant",                  # constant | linear | cosine (decay after warmup)
+        init_from="",                         # policy checkpoint dir whose decoder it starts from, with a fresh
+                                              #   scalar head ("" = the last policy stage of the run)
+    ))
+
+    config.unlikelihood = ml_collections.ConfigDict(dict(
+        num_steps=100,                        # optimizer steps of the Unlikelihood baseline on the DPO pairs
+        learning_rate=1e-4,                   # peak learning rate
+        warmup_steps=10,                      # linear warmup steps
+        schedule="constant",                  # constant | linear | cosine (decay after warmup)
+        init_from="",                         # Orbax checkpoint dir to start from ("" = previous policy stage)
+        alpha=1.0,                            # weight of the unlikelihood term on the rejected response's tokens
     ))
 
     config.dpo = ml_collections.ConfigDict(dict(
@@ -217,6 +243,46 @@ def base_config():
         f_divergence_type=unset(str),         # reverse_kl | forward_kl | js_divergence | alpha_divergence
         f_alpha=unset(float),                 # alpha_divergence: alpha
         use_weighting=unset(bool),            # WPO weighting of each pair's loss
+    ))
+
+    config.ppo = ml_collections.ConfigDict(dict(
+        num_steps=100,                        # PPO iterations: one rollout batch (train.global_batch_size prompts)
+                                              #   and its updates each
+        learning_rate=1e-5,                   # peak learning rate (policy and value model, one optimizer)
+        warmup_steps=0,                       # linear warmup steps
+        schedule="constant",                  # constant | linear | cosine (decay after warmup)
+        init_from="",                         # policy checkpoint dir to start from ("" = previous policy stage);
+                                              #   the starting policy is also the frozen reference
+        reward_from="",                       # reward-stage checkpoint dir: the reward model and the value model's
+                                              #   start ("" = this run's reward stage)
+        reward="model",                       # model: the learned reward model | a scorer spec (e.g. "vader",
+                                              #   "command:<cmd>"): the ground-truth reward (the paper's PPO-GT)
+        kl_coef=0.05,                         # per-token KL penalty coefficient (initial value if adaptive)
+        adaptive_kl=False,                    # adapt kl_coef towards target_kl (Ziegler et al. 2019)
+        target_kl=6.0,                        # adaptive: target sequence KL in nats
+        kl_horizon=10000,                     # adaptive: horizon (in rollouts) of the proportional controller
+        num_epochs=4,                         # optimisation epochs over each rollout batch
+        num_minibatches=4,                    # minibatches per epoch (each one optimizer update)
+        clip_range=0.2,                       # policy ratio clipping
+        clip_range_value=0.2,                 # value prediction clipping around the rollout's values
+        value_coef=0.1,                       # weight of the value loss
+        gamma=1.0,                            # discount
+        lam=0.95,                             # GAE lambda
+        whiten_rewards=False,                 # whiten the per-token rewards before GAE
+        temperature=1.0,                      # rollout sampling temperature
+        max_new_tokens=24,                    # rollout response length at most (EOS ends a response earlier)
+    ))
+
+    config.evaluation = ml_collections.ConfigDict(dict(
+        scorer="",                            # what scores samples: vader | command:<cmd> | reward_model:<dir> |
+                                              #   hf_classifier:<dir> ("" = no sample evaluation)
+        judge="",                             # win rates against reference responses: command:<cmd> |
+                                              #   reward_model:<dir> ("" = none)
+        temperatures="1.0",                   # sampling temperatures, comma-separated
+        samples_per_prompt=4,                 # samples drawn per held-out prompt and temperature
+        num_prompts=256,                      # held-out prompts evaluated (the first N of the eval split)
+        max_new_tokens=24,                    # sampled response length at most
+        batch_size=64,                        # prompts per sampling batch
     ))
 
     config.eval = ml_collections.ConfigDict(dict(

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 from configs import common
 from dpo_jax import losses
 
-STAGES = ("sft", "dpo")
-RESUMABLE_CHANGES = ("sft.num_steps", "dpo.num_steps", "eval.every_steps", "checkpoint.every_steps",
+STAGES = ("pretrain", "sft", "reward", "unlikelihood", "dpo", "ppo")
+RESUMABLE_CHANGES = tuple(f"{stage}.num_steps" for stage in STAGES) + ("eval.every_steps", "checkpoint.every_steps",
                      "checkpoint.max_to_keep", "checkpoint.every_minutes", "checkpoint.best_metric",
                      "checkpoint.best_mode", "train.log_every_steps", "train.max_nonfinite_steps",
                      "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor")
