@@ -151,6 +151,9 @@ def base_config():
         eval_files="",                        # preference_files: preference files of the "test" split
         sft_train_files="",                   # preference_files: SFT files ({prompt, completion} or {messages})
         sft_eval_files="",                    # preference_files: held-out SFT files
+        pretrain_files="",                    # pretrain stage: comma-separated JSONL files of {"text": ...} (any
+                                              #   data.name; "" with synthetic: its pairs' prompt + chosen ids)
+        pretrain_eval_files="",               # pretrain stage: held-out {"text": ...} files
         train_split="train",                  # split DPO trains on
         eval_split="test",                    # split DPO evaluates on (tldr_comparisons, stanford_shp: validation)
         sft_split="",                         # split SFT trains on ("": the chosen responses of train_split)
@@ -277,12 +280,30 @@ def base_config():
         scorer="",                            # what scores samples: vader | command:<cmd> | reward_model:<dir> |
                                               #   hf_classifier:<dir> ("" = no sample evaluation)
         judge="",                             # win rates against reference responses: command:<cmd> |
-                                              #   reward_model:<dir> ("" = none)
+                                              #   scorer:<scorer spec>, e.g. scorer:reward_model:<dir> ("" = none)
         temperatures="1.0",                   # sampling temperatures, comma-separated
         samples_per_prompt=4,                 # samples drawn per held-out prompt and temperature
         num_prompts=256,                      # held-out prompts evaluated (the first N of the eval split)
         max_new_tokens=24,                    # sampled response length at most
         batch_size=64,                        # prompts per sampling batch
+    ))
+
+    config.experiment = ml_collections.ConfigDict(dict(
+        name="",                              # "": one run of config.stages | controlled_sentiment: the DPO paper's
+                                              #   IMDb pipeline (dpo_jax/experiment.py): a base run of config.stages,
+                                              #   pairs sampled from it and labelled by a scorer, a reward model, then
+                                              #   one run per method below, all evaluated on the same prompts
+        generate_corpus=False,                # train on a review corpus generated offline (dpo_jax/data/reviews.py)
+        corpus_reviews=20000,                 # generate_corpus: pretraining reviews (SFT gets a fifth more)
+        samples_per_prompt=4,                 # completions sampled per prompt; every two with different scores make a pair
+        num_pair_prompts=0,                   # training prompts sampled for pairs (0 = all)
+        pair_scorer="",                       # the ground-truth scorer labelling pairs ("" = evaluation.scorer)
+        dpo_betas="0.1",                      # one DPO run per beta (comma-separated)
+        ppo_kl_coefs="",                      # one PPO run (learned reward model) per KL coefficient
+        ppo_gt_kl_coefs="",                   # one PPO-GT run (reward = the pair scorer) per KL coefficient
+        preferred_ft=False,                   # Preferred-FT: SFT on the chosen responses of the pairs
+        unlikelihood=False,                   # Unlikelihood on the pairs
+        best_of_n="",                         # Best-of-N against the reward model, one evaluation per N
     ))
 
     config.eval = ml_collections.ConfigDict(dict(

@@ -132,8 +132,52 @@ def validate(config):
     _check(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
 
     _validate_data(config)
+    _validate_rlhf(config)
 
     _validate_model(config)
+
+
+def _validate_rlhf(config):
+    """The reward model, PPO, sample evaluation and experiment keys."""
+    ppo = config.ppo
+    _check(not ppo.reward_from or os.path.isdir(ppo.reward_from), "ppo.reward_from",
+           f"{ppo.reward_from!r} is not a directory")
+    stages = tuple(config.stages)
+    _check("ppo" not in stages or ppo.reward != "model" or ppo.reward_from
+           or ("reward" in stages and stages.index("reward") < stages.index("ppo")),
+           "ppo.reward", "'model' needs a reward model: a 'reward' stage before 'ppo' in config.stages, or "
+           "ppo.reward_from (a reward stage's checkpoint directory); or set a scorer (PPO-GT)")
+    _check(ppo.kl_coef >= 0, "ppo.kl_coef", f"must be >= 0, got {ppo.kl_coef}")
+    _check(ppo.target_kl > 0 and ppo.kl_horizon > 0, "ppo.target_kl", "target_kl and kl_horizon must be > 0")
+    _check(ppo.num_epochs > 0, "ppo.num_epochs", "must be > 0")
+    _check(ppo.num_minibatches > 0 and ("ppo" not in config.stages
+                                         or config.train.global_batch_size % ppo.num_minibatches == 0),
+           "ppo.num_minibatches", f"must be > 0 and divide train.global_batch_size={config.train.global_batch_size}")
+    _check(ppo.clip_range > 0 and ppo.clip_range_value > 0, "ppo.clip_range", "clip ranges must be > 0")
+    _check(0 <= ppo.gamma <= 1 and 0 <= ppo.lam <= 1, "ppo.gamma", "gamma and lam must be in [0, 1]")
+    _check(ppo.temperature > 0, "ppo.temperature", "must be > 0")
+    _check(ppo.max_new_tokens > 0, "ppo.max_new_tokens", "must be > 0")
+    _check(config.unlikelihood.alpha >= 0, "unlikelihood.alpha", "must be >= 0")
+    evaluation = config.evaluation
+    try:
+        temperatures = [float(t) for t in evaluation.temperatures.split(",")]
+    except ValueError:
+        temperatures = []
+    _check(temperatures and min(temperatures) >= 0, "evaluation.temperatures",
+           f"must be numbers >= 0 separated by commas, got {evaluation.temperatures!r}")
+    for key in ("samples_per_prompt", "num_prompts", "max_new_tokens", "batch_size"):
+        _check(evaluation[key] > 0, f"evaluation.{key}", "must be > 0")
+    experiment = config.experiment
+    _check(experiment.name in ("", "controlled_sentiment"), "experiment.name",
+           f"must be '' or 'controlled_sentiment', got {experiment.name!r}")
+    for key in ("dpo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "best_of_n"):
+        try:
+            values = [float(v) for v in experiment[key].split(",") if v.strip()]
+        except ValueError:
+            values = [-1.0]
+        _check(all(v > 0 for v in values), f"experiment.{key}", f"must be numbers > 0 separated by commas, got "
+               f"{experiment[key]!r}")
+    _check(experiment.samples_per_prompt >= 2, "experiment.samples_per_prompt", "must be >= 2 to make pairs")
 
 
 def _validate_model(config):

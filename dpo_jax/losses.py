@@ -1,4 +1,5 @@
-"""Pure loss functions: sequence log-probabilities, the preference-loss family, KTO, and KL.
+"""Pure loss functions: sequence log-probabilities, the preference-loss family, KTO, KL, and the DPO
+paper's baselines' losses (Bradley-Terry reward model, Unlikelihood).
 
 Everything here takes arrays and returns arrays: no side effects, no host callbacks, so each
 function works under `jax.jit`, `jax.grad`, `jax.vmap`, `jax.pmap` and `jax.shard_map`, and can be
@@ -372,8 +373,7 @@ _MAX_AVERAGE_LOGP = -1e-6
 def _log_odds(average_logps: Array) -> Array:
     """log(p / (1 - p)) of p = exp(average log-prob), with log(1 - p) computed stably on either side of 1/2."""
     a = jnp.minimum(average_logps, _MAX_AVERAGE_LOGP)
-    log_one_minus_p = jnp.where(a > -math.log(2.0), jnp.log(-jnp.expm1(a)), jnp.log1p(-jnp.exp(a)))
-    return a - log_one_minus_p
+    return a - log1m_exp(a)
 
 
 def _orpo(pair: _Pair, beta: float) -> Array:
@@ -591,15 +591,8 @@ def preference_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
     else:
         chosen_logratios, rejected_logratios = LOSS_FUNCTIONS[loss_types[0]].reference_free_logratios(
             dataclasses.replace(pair, user=f"the rewards of loss_type={loss_types[0]!r}"))
-    chosen_rewards = jax.lax.stop_gradient(beta * chosen_logratios)
-    rejected_rewards = jax.lax.stop_gradient(beta * rejected_logratios)
-    wins = (chosen_rewards > rejected_rewards).astype(jnp.float32)
-    ties = (chosen_rewards == rejected_rewards).astype(jnp.float32)
     metrics = {
-        "rewards/chosen": chosen_rewards.mean(),
-        "rewards/rejected": rejected_rewards.mean(),
-        "rewards/accuracies": (wins + 0.5 * ties).mean(),
-        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+        **_reward_metrics(beta * chosen_logratios, beta * rejected_logratios),
         "logps/chosen": jax.lax.stop_gradient(pair.policy_chosen).mean(),
         "logps/rejected": jax.lax.stop_gradient(pair.policy_rejected).mean(),
     }
@@ -658,3 +651,91 @@ def kto_loss(policy_logps: Array, reference_logps: Array, desirable: Array, poli
     }
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]
     return losses, metrics
+
+
+# ---------------------------------------------------------------------------------------------
+# The DPO paper's baselines: a Bradley-Terry reward model (for PPO) and Unlikelihood
+# ---------------------------------------------------------------------------------------------
+
+def _reward_metrics(chosen_rewards: Array, rejected_rewards: Array) -> Dict[str, Array]:
+    """The TRL `rewards/*` metrics of a batch of pairs' rewards [batch]: batch means, without gradient.
+
+    `rewards/accuracies` is the share of pairs whose chosen reward is higher, a tie counting one half
+    (so equal rewards score 0.5, chance, not 0).
+    """
+    chosen_rewards = jax.lax.stop_gradient(chosen_rewards)
+    rejected_rewards = jax.lax.stop_gradient(rejected_rewards)
+    wins = (chosen_rewards > rejected_rewards).astype(jnp.float32)
+    ties = (chosen_rewards == rejected_rewards).astype(jnp.float32)
+    return {
+        "rewards/chosen": chosen_rewards.mean(),
+        "rewards/rejected": rejected_rewards.mean(),
+        "rewards/accuracies": (wins + 0.5 * ties).mean(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).mean(),
+    }
+
+
+def bradley_terry_loss(chosen_rewards: Array, rejected_rewards: Array):
+    """A reward model's loss on preference pairs: per-pair losses [batch] float32 and metrics.
+
+    loss = -log sigmoid(r_w - r_l), the negative log-likelihood of the preference under the
+    Bradley-Terry model P(y_w > y_l) = sigmoid(r_w - r_l) (Bradley & Terry 1952), as reward models
+    for RLHF are trained (InstructGPT, Ouyang et al. 2022, arXiv:2203.02155, eq. 1; the reward model
+    of the DPO paper's PPO baseline). Computed as softplus(r_l - r_w) in float32, finite for any
+    finite rewards. Rewards are [batch] scalars, e.g. a scalar head's score at each response's last
+    token. Metrics: `rewards/chosen`, `rewards/rejected` (mean rewards), `rewards/accuracies`,
+    `rewards/margins`, as `preference_loss` reports them for implicit rewards.
+    """
+    _check_arrays(dict(chosen_rewards=chosen_rewards, rejected_rewards=rejected_rewards))
+    chosen = jnp.asarray(chosen_rewards, jnp.float32)
+    rejected = jnp.asarray(rejected_rewards, jnp.float32)
+    return jax.nn.softplus(rejected - chosen), _reward_metrics(chosen, rejected)
+
+
+# log1m_exp's largest input: log(1 - e^x) -> -inf and its derivative -e^x / (1 - e^x) -> -inf as
+# x -> 0, i.e. as a probability reaches 1, which float32 log-softmax returns exactly (log-prob 0)
+# for a confident enough model. Capped here, log(1 - p) >= log(1e-6) ~ -13.8 and the derivative
+# is at most ~1e6 in magnitude, so one certain token cannot make a loss or its gradient inf / NaN;
+# past the cap the gradient is zero (Welleck et al.'s code likewise clamps 1 - p at 1e-5).
+_MAX_LOG1M_EXP_INPUT = -1e-6
+
+
+def log1m_exp(x: Array) -> Array:
+    """log(1 - e^x) for x <= 0 (e.g. log(1 - p) from a log-prob), float32, finite for every input.
+
+    Stable on both sides of x = -log 2 (Maechler 2012, "Accurately computing log(1 - exp(-|a|))"):
+    log(-expm1(x)) near 0, where 1 - e^x would cancel, log1p(-e^x) below, where e^x is small.
+    Inputs above `_MAX_LOG1M_EXP_INPUT` (including x > 0, not a log-probability) are clamped to it.
+    """
+    x = jnp.minimum(jnp.asarray(x, jnp.float32), _MAX_LOG1M_EXP_INPUT)
+    return jnp.where(x > -math.log(2.0), jnp.log(-jnp.expm1(x)), jnp.log1p(-jnp.exp(x)))
+
+
+def unlikelihood_loss(chosen_logps: Array, rejected_log_one_minus: Array, chosen_lengths: Array,
+                      rejected_lengths: Array, *, alpha: float, rejected_logps: Optional[Array] = None):
+    """Unlikelihood training on preference pairs: per-pair losses [batch] float32 and metrics.
+
+    loss = NLL(y_w) / |y_w| - alpha / |y_l| * sum_t log(1 - p(y_l,t | x, y_l,<t)): likelihood on the
+    chosen response and token-level unlikelihood on the rejected one (Welleck et al. 2019,
+    arXiv:1908.04319), each averaged over its tokens; a baseline of the DPO paper (Rafailov et al.
+    2023, arXiv:2305.18290, sec. 6), alpha in [0, 1] there.
+
+    chosen_logps: summed log-probs of the chosen responses; rejected_log_one_minus: sums of
+    log(1 - p) over the rejected responses' tokens (`log1m_exp` of their per-token log-probs);
+    chosen_lengths, rejected_lengths: response token counts; all [batch]. Metrics: `nll` (the chosen
+    per-token NLL), `unlikelihood` (-sum log(1 - p) / |y_l|), `logps/chosen` and, given the summed
+    `rejected_logps`, `logps/rejected` (batch means).
+    """
+    _check_option(isinstance(alpha, numbers.Real) and math.isfinite(alpha) and alpha >= 0, "alpha", alpha,
+                  "a finite number >= 0")
+    _check_arrays(dict(chosen_logps=chosen_logps, rejected_log_one_minus=rejected_log_one_minus,
+                       chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths,
+                       rejected_logps=rejected_logps))
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    # An empty response (a packed batch's unused pair slot) must not divide by zero.
+    nll = -f32(chosen_logps) / jnp.maximum(f32(chosen_lengths), 1.0)
+    unlikelihood = -f32(rejected_log_one_minus) / jnp.maximum(f32(rejected_lengths), 1.0)
+    metrics = {"nll": nll.mean(), "unlikelihood": unlikelihood.mean(), "logps/chosen": f32(chosen_logps).mean()}
+    if rejected_logps is not None:
+        metrics["logps/rejected"] = f32(rejected_logps).mean()
+    return nll + alpha * unlikelihood, jax.tree.map(jax.lax.stop_gradient, metrics)

@@ -15,7 +15,7 @@ import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402
 from ml_collections import config_flags  # noqa: E402
 
-from dpo_jax import checkpointing, train  # noqa: E402
+from dpo_jax import checkpointing, experiment, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
@@ -64,8 +64,14 @@ def main(argv):
     _maybe_initialize_distributed()
     logging.info("JAX %s on %s: %d devices, process %d of %d", jax.__version__, jax.default_backend(),
                  jax.device_count(), jax.process_index(), jax.process_count())
+    config = _CONFIG.value
     try:
-        summary = train.run(_CONFIG.value, _WORKDIR.value, halt_after_steps=_HALT_AFTER_STEPS.value)
+        if config.experiment.name:  # several runs (dpo_jax/experiment.py); its workdir holds them all
+            rows = experiment.run(config, _WORKDIR.value)
+            if jax.process_index() == 0:
+                print(experiment.format_rows(rows))
+            return
+        summary = train.run(config, _WORKDIR.value, halt_after_steps=_HALT_AFTER_STEPS.value)
     except train.Halted as halted:
         logging.warning("%s", halted)
         sys.exit(HALTED_EXIT_CODE)

@@ -1,8 +1,10 @@
 """Pure step functions: `(state, batch) -> (state, metrics)` for SFT and DPO, and their evals.
 
 SFT and DPO share one train step; they differ only in their loss function (as in Tunix's DPO
-trainer, a thin layer over SFT). Everything here is a pure function of arrays, jitted by
-`train.py` with explicit shardings and the state donated.
+trainer, a thin layer over SFT). So do the DPO paper's baselines trained on the same batches:
+pretraining (the SFT loss on whole texts), a Bradley-Terry reward model and Unlikelihood.
+Everything here is a pure function of arrays, jitted by `train.py` with explicit shardings and
+the state donated.
 
 Batches come in the layouts of `dpo_jax.data.layouts`. SFT batches hold `input_ids`, `loss_mask`,
 `segment_ids` [batch, time] (packed: also `positions`). Padded DPO batches hold the same keys
@@ -81,14 +83,19 @@ def _prefix_shared_mask(segment_ids, branch_ids):
     return causal & same_segment & visible_branch
 
 
-def _shifted_logits(graphdef, params, batch, prefix="", *, use_lora=True):
-    """Logits predicting tokens 1..T-1, with their labels and loss mask (the prompt is never scored)."""
-    input_ids = batch[prefix + "input_ids"]
+def _model_inputs(batch, prefix=""):
+    """The keyword arguments of `models.apply` / `models.apply_scalar` for a batch's rows: ids,
+    positions, segments and, for prefix-shared rows, the explicit attention mask."""
     segment_ids = batch[prefix + "segment_ids"]
     mask = _prefix_shared_mask(segment_ids, batch["branch_ids"]) if "branch_ids" in batch else None
-    logits = models.apply(graphdef, params, input_ids, positions=batch.get(prefix + "positions"),
-                          segment_ids=segment_ids, mask=mask, use_lora=use_lora)
-    return logits[:, :-1], input_ids[:, 1:], batch[prefix + "loss_mask"][:, 1:]
+    return dict(input_ids=batch[prefix + "input_ids"], positions=batch.get(prefix + "positions"),
+                segment_ids=segment_ids, mask=mask)
+
+
+def _shifted_logits(graphdef, params, batch, prefix="", *, use_lora=True):
+    """Logits predicting tokens 1..T-1, with their labels and loss mask (the prompt is never scored)."""
+    logits = models.apply(graphdef, params, **_model_inputs(batch, prefix), use_lora=use_lora)
+    return logits[:, :-1], batch[prefix + "input_ids"][:, 1:], batch[prefix + "loss_mask"][:, 1:]
 
 
 def _pair_rows(batch):
@@ -108,16 +115,30 @@ def _dpo_rows(batch):
     return {**rows, "sequence_ids": jnp.where(rows["loss_mask"] > 0, side, -1)}
 
 
+def _num_sequence_slots(batch):
+    """How many `sequence_ids` a row of the batch's `_dpo_rows` can hold."""
+    return 2 if "chosen_input_ids" in batch else 2 * batch["pair_mask"].shape[-1]
+
+
+def _chosen_and_rejected(per_slot, batch):
+    """([pairs], [pairs]) of chosen and rejected from per-slot values [rows, slots] (0 in slots with
+    no tokens). Padded: chosen rows fill slot 0 and rejected rows slot 1, so their halves add up."""
+    if "chosen_input_ids" in batch:
+        per_slot = per_slot[:per_slot.shape[0] // 2] + per_slot[per_slot.shape[0] // 2:]
+    per_slot = per_slot.reshape(-1, 2)
+    return per_slot[:, 0], per_slot[:, 1]
+
+
 def _pair_sums(per_token, batch, rows):
     """Sums of a per-token quantity [rows, T-1] over each pair's chosen and rejected tokens: ([pairs], [pairs])."""
-    padded = "chosen_input_ids" in batch
-    num_slots = 2 if padded else 2 * batch["pair_mask"].shape[-1]
-    slots = rows["sequence_ids"][:, 1:, None] == jnp.arange(num_slots)
+    slots = rows["sequence_ids"][:, 1:, None] == jnp.arange(_num_sequence_slots(batch))
     sums = jnp.sum(jnp.where(slots, per_token.astype(jnp.float32)[..., None], 0.0), axis=1)  # [rows, slots]
-    if padded:  # chosen rows fill slot 0, rejected rows slot 1
-        sums = sums[:sums.shape[0] // 2] + sums[sums.shape[0] // 2:]
-    sums = sums.reshape(-1, 2)
-    return sums[:, 0], sums[:, 1]
+    return _chosen_and_rejected(sums, batch)
+
+
+def _pair_lengths(labels, batch, rows):
+    """Response token counts of each pair's chosen and rejected: ([pairs], [pairs]) float32."""
+    return _pair_sums(jnp.ones(labels.shape, jnp.float32), batch, rows)
 
 
 def _dpo_forward(graphdef, params, ref_params, batch, lora_reference=False):
@@ -166,18 +187,9 @@ def _masked_mean(values, pair_mask):
     return jnp.sum(values * pair_mask) / jnp.maximum(jnp.sum(pair_mask), 1.0)
 
 
-def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
-    """Loss and metrics averaged over the batch's pairs (packed: the real ones), and their number."""
-    policy_chosen, policy_rejected = _pair_sums(losses.token_logps(logits, labels), batch, rows)
-    chosen_lengths, rejected_lengths = _pair_sums(jnp.ones(labels.shape, jnp.float32), batch, rows)
-    options = dict(beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing, **configuration.loss_arguments(dpo_config))
-    inputs = (policy_chosen, policy_rejected, *reference_logps, chosen_lengths, rejected_lengths)
-
-    def pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths,
-                  rejected_lengths):
-        return losses.preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
-                                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
-
+def _mean_over_pairs(pair_loss, inputs, batch):
+    """(loss, (metrics, pairs)) of `pair_loss(*inputs) -> (per-pair losses, batch-mean metrics)`,
+    `inputs` being [pairs] arrays: averaged over the batch's pairs (packed: the real ones)."""
     per_example, metrics = pair_loss(*inputs)
     if "pair_mask" not in batch:
         return per_example.mean(), (metrics, jnp.asarray(per_example.shape[0], jnp.float32))
@@ -189,12 +201,62 @@ def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
     return _masked_mean(per_example, pair_mask), (metrics, jnp.sum(pair_mask))
 
 
+def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
+    """Loss and metrics averaged over the batch's pairs (packed: the real ones), and their number."""
+    policy_chosen, policy_rejected = _pair_sums(losses.token_logps(logits, labels), batch, rows)
+    chosen_lengths, rejected_lengths = _pair_lengths(labels, batch, rows)
+    options = dict(beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing, **configuration.loss_arguments(dpo_config))
+    inputs = (policy_chosen, policy_rejected, *reference_logps, chosen_lengths, rejected_lengths)
+
+    def pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths,
+                  rejected_lengths):
+        return losses.preference_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected,
+                                      chosen_lengths=chosen_lengths, rejected_lengths=rejected_lengths, **options)
+
+    return _mean_over_pairs(pair_loss, inputs, batch)
+
+
 def dpo_loss(params, ref_params, batch, rng, *, graphdef, dpo_config):
     """The preference loss of `dpo_config.loss_type` against the frozen (or precomputed) reference."""
     del rng
     logits, _, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch,
                                                             dpo_config.reference == "lora")
     return _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config)
+
+
+def reward_pair_scores(params, batch, *, graphdef):
+    """The scalar model's rewards of each pair's chosen and rejected responses ([pairs], [pairs];
+    packed: every pair slot, empty ones 0): its score at a response's last token, the EOS."""
+    rows = _dpo_rows(batch)
+    scores = models.apply_scalar(graphdef, params, **_model_inputs(rows))
+    return _chosen_and_rejected(
+        models.scalar.last_token_scores(scores, rows["sequence_ids"], _num_sequence_slots(batch)), batch)
+
+
+def reward_loss(params, ref_params, batch, rng, *, graphdef):
+    """Bradley-Terry loss of the scalar model `graphdef` (a reward model) on DPO pairs, any layout."""
+    del ref_params, rng
+    chosen_rewards, rejected_rewards = reward_pair_scores(params, batch, graphdef=graphdef)
+    return _mean_over_pairs(losses.bradley_terry_loss, (chosen_rewards, rejected_rewards), batch)
+
+
+def unlikelihood_loss(params, ref_params, batch, rng, *, graphdef, alpha):
+    """The Unlikelihood baseline on DPO pairs: per-token NLL of the chosen response plus `alpha` times
+    the per-token unlikelihood -log(1 - p) of the rejected one (`losses.unlikelihood_loss`)."""
+    del ref_params, rng
+    rows = _dpo_rows(batch)
+    logits, labels, _ = _shifted_logits(graphdef, params, rows)
+    token_logps = losses.token_logps(logits, labels)
+    chosen_logps, rejected_logps = _pair_sums(token_logps, batch, rows)
+    _, rejected_log_one_minus = _pair_sums(losses.log1m_exp(token_logps), batch, rows)
+    chosen_lengths, rejected_lengths = _pair_lengths(labels, batch, rows)
+
+    def pair_loss(chosen_logps, rejected_log_one_minus, chosen_lengths, rejected_lengths, rejected_logps):
+        return losses.unlikelihood_loss(chosen_logps, rejected_log_one_minus, chosen_lengths, rejected_lengths,
+                                        alpha=alpha, rejected_logps=rejected_logps)
+
+    return _mean_over_pairs(
+        pair_loss, (chosen_logps, rejected_log_one_minus, chosen_lengths, rejected_lengths, rejected_logps), batch)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -275,9 +337,24 @@ def pmap_train_step(*, loss_fn, optimizer, schedule, axis_name="devices", **opti
                                       axis_name=axis_name, **options), axis_name=axis_name, donate_argnums=0)
 
 
-def sft_eval_step(params, ref_params, batch, *, graphdef):
-    loss, (metrics, _) = sft_loss(params, ref_params, batch, None, graphdef=graphdef)
+def _loss_metrics(loss_fn, params, ref_params, batch, **options):
+    """A loss function's metrics and its loss on an eval batch (no rng: evals are deterministic)."""
+    loss, (metrics, _) = loss_fn(params, ref_params, batch, None, **options)
     return {**metrics, "loss": loss}
+
+
+def sft_eval_step(params, ref_params, batch, *, graphdef):
+    return _loss_metrics(sft_loss, params, ref_params, batch, graphdef=graphdef)
+
+
+def reward_eval_step(params, ref_params, batch, *, graphdef):
+    """The reward model's Bradley-Terry loss and `rewards/*` metrics (`rewards/accuracies`: held-out
+    preference accuracy)."""
+    return _loss_metrics(reward_loss, params, ref_params, batch, graphdef=graphdef)
+
+
+def unlikelihood_eval_step(params, ref_params, batch, *, graphdef, alpha):
+    return _loss_metrics(unlikelihood_loss, params, ref_params, batch, graphdef=graphdef, alpha=alpha)
 
 
 def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
@@ -297,9 +374,24 @@ def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
 
 
 def stage_functions(stage, graphdef, config):
-    """(loss_fn, eval_fn) of a stage, closed over the model graph and the stage's config."""
-    if stage == "sft":
+    """(loss_fn, eval_fn) of a stage, closed over the model graph and the stage's config.
+
+    `graphdef` is the decoder's, except for "reward", where it is the scalar model's
+    (`models.abstract_scalar_model`). "pretrain" is next-token training on whole texts: its batches
+    are SFT batches whose loss mask covers every token after the first, so it is the SFT loss.
+    """
+    if stage in ("sft", "pretrain"):
         return (functools.partial(sft_loss, graphdef=graphdef),
                 functools.partial(sft_eval_step, graphdef=graphdef))
-    return (functools.partial(dpo_loss, graphdef=graphdef, dpo_config=config.dpo),
-            functools.partial(dpo_eval_step, graphdef=graphdef, dpo_config=config.dpo))
+    if stage == "dpo":
+        return (functools.partial(dpo_loss, graphdef=graphdef, dpo_config=config.dpo),
+                functools.partial(dpo_eval_step, graphdef=graphdef, dpo_config=config.dpo))
+    if stage == "reward":
+        return (functools.partial(reward_loss, graphdef=graphdef),
+                functools.partial(reward_eval_step, graphdef=graphdef))
+    if stage == "unlikelihood":
+        alpha = config.unlikelihood.alpha
+        return (functools.partial(unlikelihood_loss, graphdef=graphdef, alpha=alpha),
+                functools.partial(unlikelihood_eval_step, graphdef=graphdef, alpha=alpha))
+    raise ValueError(f"stage={stage!r} has no loss here: steps.stage_functions knows sft, pretrain, dpo, reward "
+                     f"and unlikelihood (ppo has its own step functions)")

@@ -18,7 +18,8 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from dpo_jax import checkpointing, configuration, data, fingerprints, models, reference, sharding, steps
+from dpo_jax import checkpointing, configuration, data, evaluation, fingerprints, models, ppo, reference, \
+    scorers, sharding, steps
 from dpo_jax.data import loader
 from dpo_jax.metrics import MetricWriter, progress_bar, read_jsonl, to_python
 
@@ -144,7 +145,10 @@ def run(config, workdir, *, halt_after_steps=None):
 
     # ----------------------------------------------------------------------------- model and shardings
     model = plan_model(config, mesh)
-    params = None  # the previous stage's final parameters
+    # Final parameters of this run's stages: the last policy (what the next policy stage starts
+    # from) and the reward model.
+    results = {"policy": None, "reward": None}
+    last_policy_stage = None  # (its plan, the results it started from): where a sample evaluation's reference is
     summary = _read_summary(workdir)
     writer = MetricWriter(workdir)
     budget = [halt_after_steps]  # steps this process may still take (None: unbounded)
@@ -152,9 +156,19 @@ def run(config, workdir, *, halt_after_steps=None):
     # Across processes JAX's preemption service handles SIGTERM; a single process catches it here.
     previous_handler = signal.signal(signal.SIGTERM, _on_sigterm) if jax.process_count() == 1 else None
     try:
+        rollout = _rollout_options(config, task)
         for stage in config.stages:
-            params, summary[stage] = _run_stage(plan_stage(stage, config, mesh, model), config, workdir, mesh,
-                                                task, model, params, summary.get(stage), writer, budget)
+            plan = plan_stage(stage, config, mesh, model, **(rollout if stage == "ppo" else {}))
+            final, summary[stage] = _run_stage(plan, config, workdir, mesh, task, model, results,
+                                               summary.get(stage), writer, budget)
+            if stage == "reward":
+                results["reward"] = final
+            else:
+                last_policy_stage = (plan, dict(results))
+                results["policy"] = final["policy"] if stage == "ppo" else final
+            _write_json(os.path.join(workdir, "summary.json"), summary)
+        if config.evaluation.scorer and "evaluation" not in summary:
+            summary["evaluation"] = _evaluate_samples(config, task, model, results, last_policy_stage)
             _write_json(os.path.join(workdir, "summary.json"), summary)
     finally:
         writer.close()
@@ -163,15 +177,45 @@ def run(config, workdir, *, halt_after_steps=None):
     return summary
 
 
-def _initial_params(stage, config, previous_params, abstract_params):
-    """A stage starts from its `init_from` checkpoint, else the previous stage, else the model init."""
-    init_from = config[stage].init_from
-    if init_from:
-        return checkpointing.restore_params(init_from, abstract_params)
-    if previous_params is not None:
-        return previous_params
-    shardings = jax.tree.map(lambda p: p.sharding, abstract_params)
-    return models.init_params(config.model, seed=config.seed, shardings=shardings)
+def _restore_or(init_from, abstract_params, fallback):
+    """The params of checkpoint directory `init_from` when given, else `fallback()`."""
+    return checkpointing.restore_params(init_from, abstract_params) if init_from else fallback()
+
+
+def _initial_params(plan, config, results, model):
+    """A stage's starting parameters: its `init_from` checkpoint, else this run's earlier stages
+    (the last policy; PPO: also the reward model), else the model init.
+
+    reward: the policy's decoder under a fresh scalar head. ppo: {"policy", "value", "reward"}; the
+    value model starts as the reward model (as in TRL), or as the policy's decoder with a fresh head
+    when the reward is a ground-truth scorer and there is no reward model.
+    """
+    stage = plan.name
+    decoder_config = models.decoder_config(config.model)
+
+    def policy():
+        if results["policy"] is not None:
+            return results["policy"]
+        return models.init_params(config.model, seed=config.seed, shardings=model.param_shardings)
+
+    if stage == "reward":
+        decoder = _restore_or(config.reward.init_from, model.abstract_params, policy)
+        return models.init_scalar_params(decoder_config, decoder, seed=config.seed,
+                                         shardings=plan.param_plan.param_shardings)
+    if stage != "ppo":
+        return _restore_or(config[stage].init_from, model.abstract_params, policy)
+    policy_params = _restore_or(config.ppo.init_from, model.abstract_params, policy)
+    scalar_plan = plan.param_plan.abstract_params["value"]
+    if config.ppo.reward != "model":
+        value = models.init_scalar_params(decoder_config, policy_params, seed=config.seed,
+                                          shardings=plan.param_plan.param_shardings["value"])
+        return {"policy": policy_params, "value": value, "reward": None}
+
+    # Validation made sure there is one: reward_from, or this run's reward stage.
+    reward = _restore_or(config.ppo.reward_from, scalar_plan, lambda: results["reward"])
+    # The value model trains; the reward model stays frozen: separate buffers.
+    value = jax.tree.map(lambda x: jnp.array(x, copy=True), reward)
+    return {"policy": policy_params, "value": value, "reward": reward}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,9 +225,15 @@ class ModelPlan:
     param_shardings: Any          # NamedShardings from the logical axis rules
 
 
-def plan_model(config, mesh):
-    """The model's graph and its parameters' shapes and shardings on `mesh`, nothing allocated."""
-    graphdef, abstract_params, logical_specs = models.abstract_model(config.model)
+def plan_model(config, mesh, *, scalar_head=False):
+    """The model's graph and its parameters' shapes and shardings on `mesh`, nothing allocated.
+
+    scalar_head: the reward / value model (the decoder's trunk and a scalar head) instead of the decoder.
+    """
+    if scalar_head:
+        graphdef, abstract_params, logical_specs = models.abstract_scalar_model(models.decoder_config(config.model))
+    else:
+        graphdef, abstract_params, logical_specs = models.abstract_model(config.model)
     param_shardings = sharding.param_shardings(abstract_params, logical_specs, mesh)
     return ModelPlan(graphdef, checkpointing.with_shardings(abstract_params, param_shardings), param_shardings)
 
@@ -193,41 +243,113 @@ class StagePlan:
     name: str
     optimizer: Any
     schedule: Any
-    loss_fn: Callable             # (params, ref_params, batch, rng) -> (loss, (metrics, weight))
+    loss_fn: Optional[Callable]   # (params, ref_params, batch, rng) -> (loss, (metrics, weight)); None for PPO
+    step_fn: Callable             # (state, batch) -> (state, metrics): the train step to jit
     eval_fn: Callable             # (params, ref_params, batch) -> metrics
-    reference_mode: Optional[str] # None (SFT) | live | precomputed | lora
-    reference_update: Optional[tuple]  # TR-DPO (tau, alpha)
+    reference_mode: Optional[str] # None (no reference) | live | precomputed | lora | ppo
+    param_plan: ModelPlan         # the stage's params: the decoder; reward: the scalar model; ppo: {policy, value}
     trainable: Any                # bools shaped like the params: what the optimizer updates (LoRA: adapters)
-    init_state: Callable          # params -> TrainState at step 0
+    init_state: Callable          # starting params -> TrainState at step 0
     abstract_state: Any
     state_shardings: Any
 
 
-def plan_stage(stage, config, mesh, model):
-    """Everything a stage compiles: optimizer, losses, and the train state's shapes and shardings."""
-    trainable = models.trainable_mask(model.abstract_params)
-    optimizer, schedule = steps.make_optimizer(config.train, config[stage], trainable)
-    loss_fn, eval_fn = steps.stage_functions(stage, model.graphdef, config)
+def _rollout_options(config, task):
+    """What a PPO stage needs beyond the config: the end-of-response ids and, for a ground-truth
+    reward (PPO-GT), the host function that decodes rollouts and scores them."""
+    if "ppo" not in config.stages:
+        return {}
+    tokenizer = task.tokenizer
+    eos_ids = tuple(tokenizer.eos_ids) if tokenizer is not None else (data.synthetic.EOS,)
+    host_reward_fn = None
+    if config.ppo.reward != "model":
+        if tokenizer is None:
+            raise ValueError(f"config.ppo.reward={config.ppo.reward!r} scores text, but config.data has no tokenizer")
+        host_reward_fn = _host_reward_fn(scorers.make_scorer(config.ppo.reward), tokenizer.decode)
+    return {"eos_ids": eos_ids, "host_reward_fn": host_reward_fn}
+
+
+def _host_reward_fn(scorer, decode):
+    """Token arrays of rollouts -> scores of their texts, on the host (PPO calls it via jax.pure_callback)."""
+    def texts(ids, lengths):
+        return [decode(row[:length].tolist()) for row, length in zip(np.asarray(ids), np.asarray(lengths))]
+
+    def score(prompt_ids, prompt_lengths, response_ids, response_lengths):
+        return np.asarray(scorer(texts(prompt_ids, prompt_lengths), texts(response_ids, response_lengths)),
+                          np.float32)
+    return score
+
+
+def plan_stage(stage, config, mesh, model, *, eos_ids=(), host_reward_fn=None):
+    """Everything a stage compiles: optimizer, step and eval functions, and the train state's shapes
+    and shardings. `eos_ids` and `host_reward_fn` are PPO's (see `_rollout_options`)."""
+    replicated = sharding.replicated(mesh)
+    if stage in ("reward", "ppo"):
+        scalar = plan_model(config, mesh, scalar_head=True)
+    if stage == "reward":
+        param_plan = scalar
+    elif stage == "ppo":
+        param_plan = ModelPlan(None, {"policy": model.abstract_params, "value": scalar.abstract_params},
+                               {"policy": model.param_shardings, "value": scalar.param_shardings})
+    else:
+        param_plan = model
+    trainable = models.trainable_mask(param_plan.abstract_params)
+    # PPO's optimizer updates several times per step: its schedule counts updates.
+    schedule_config = ppo.optimizer_schedule_config(config.ppo) if stage == "ppo" else config[stage]
+    optimizer, schedule = steps.make_optimizer(config.train, schedule_config, trainable)
+    opt_state_shardings = lambda abstract_state: sharding.opt_state_shardings(
+        optimizer, abstract_state.opt_state, param_plan.param_shardings, mesh)
+
+    if stage == "ppo":
+        with_reward_model = config.ppo.reward == "model"
+        rollout = dict(graphdef=model.graphdef, value_graphdef=scalar.graphdef, ppo_config=config.ppo,
+                       eos_ids=eos_ids, pad_id=0, host_reward_fn=host_reward_fn)
+        step_fn = functools.partial(ppo.ppo_step, optimizer=optimizer, schedule=schedule, trainable=trainable,
+                                    micro_batches=config.train.grad_accum_steps, **rollout)
+        eval_fn = functools.partial(ppo.ppo_eval_step, seed=config.seed, **rollout)
+        init_state = lambda start: ppo.init_ppo_state(start["policy"], start["value"], start["reward"], optimizer,
+                                                      seed=config.seed, kl_coef=config.ppo.kl_coef)
+        abstract_start = {"policy": model.abstract_params, "value": scalar.abstract_params,
+                          "reward": scalar.abstract_params if with_reward_model else None}
+        abstract_state = jax.eval_shape(init_state, abstract_start)
+        ref_shardings = {"reference": model.param_shardings,
+                         "reward": scalar.param_shardings if with_reward_model else None}
+        state_shardings = steps.TrainState(
+            step=replicated, params=param_plan.param_shardings, opt_state=opt_state_shardings(abstract_state),
+            rng=replicated, ref_params=ref_shardings, stage_state=jax.tree.map(lambda _: replicated,
+                                                                               abstract_state.stage_state))
+        return StagePlan(stage, optimizer, schedule, None, step_fn, eval_fn, "ppo", param_plan, trainable,
+                         init_state, checkpointing.with_shardings(abstract_state, state_shardings), state_shardings)
+
+    loss_fn, eval_fn = steps.stage_functions(stage, param_plan.graphdef, config)
     reference_mode = config.dpo.reference if stage == "dpo" else None
     live_reference = reference_mode == "live"
     reference_update = None
     if live_reference and config.dpo.reference_update_every:
         reference_update = (config.dpo.reference_update_every, config.dpo.reference_update_alpha)
+    step_fn = functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
+                                micro_batches=config.train.grad_accum_steps, reference_update=reference_update,
+                                trainable=trainable)
     init_state = functools.partial(steps.init_state, optimizer=optimizer, seed=config.seed,
                                    live_reference=live_reference, reference_dtype=config.dpo.reference_dtype or None)
-    abstract_state = jax.eval_shape(init_state, model.abstract_params)
-    replicated = sharding.replicated(mesh)
+    abstract_state = jax.eval_shape(init_state, param_plan.abstract_params)
     state_shardings = steps.TrainState(
-        step=replicated, params=model.param_shardings,
-        opt_state=sharding.opt_state_shardings(optimizer, abstract_state.opt_state, model.param_shardings, mesh),
-        rng=replicated, ref_params=model.param_shardings if live_reference else None)
-    return StagePlan(stage, optimizer, schedule, loss_fn, eval_fn, reference_mode, reference_update, trainable,
+        step=replicated, params=param_plan.param_shardings, opt_state=opt_state_shardings(abstract_state),
+        rng=replicated, ref_params=param_plan.param_shardings if live_reference else None)
+    return StagePlan(stage, optimizer, schedule, loss_fn, step_fn, eval_fn, reference_mode, param_plan, trainable,
                      init_state, checkpointing.with_shardings(abstract_state, state_shardings), state_shardings)
 
 
-def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, writer, budget):
+# The arrays each stage trains and evaluates on (Task fields, "<name>_train" / "<name>_eval").
+STAGE_DATA = {"pretrain": "pretrain", "sft": "sft", "reward": "dpo", "unlikelihood": "dpo", "dpo": "dpo",
+              "ppo": "prompts"}
+
+
+def _run_stage(plan, config, workdir, mesh, task, model, results, done, writer, budget):
+    """Trains one stage (or finds it finished); returns its final params and its summary entry."""
     stage, stage_config = plan.name, config[plan.name]
-    train_arrays, eval_arrays = (task.dpo_train, task.dpo_eval) if stage == "dpo" else (task.sft_train, task.sft_eval)
+    data_name = STAGE_DATA[stage]
+    train_arrays, eval_arrays = getattr(task, f"{data_name}_train"), getattr(task, f"{data_name}_eval")
     replicated = sharding.replicated(mesh)
 
     checkpoints = checkpointing.StageCheckpoints(
@@ -236,7 +358,7 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
         best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode)
     latest = checkpoints.latest_step()
     if done is not None and latest == stage_config.num_steps:  # finished in an earlier invocation
-        params = checkpoints.restore_params(model.abstract_params)
+        params = checkpoints.restore_params(plan.param_plan.abstract_params)
         checkpoints.close()
         return params, done
 
@@ -244,7 +366,7 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
     # log-probs; training never holds it.
     start_params = None
     if latest is None or plan.reference_mode == "precomputed":
-        start_params = _initial_params(stage, config, previous_params, model.abstract_params)
+        start_params = _initial_params(plan, config, results, model)
     if latest is None and plan.reference_mode == "lora":
         # Adapters off must give this stage's starting model (e.g. the LoRA-SFT result), not the base.
         start_params = models.fold_adapters(config.model, start_params, seed=config.seed,
@@ -271,17 +393,12 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
 
     # ------------------------------------------------------------------------- compiled steps
     batch_sharding = sharding.batch_sharding(mesh)
-    train_step = jax.jit(
-        functools.partial(steps.train_step, loss_fn=plan.loss_fn, optimizer=plan.optimizer, schedule=plan.schedule,
-                          micro_batches=config.train.grad_accum_steps, reference_update=plan.reference_update,
-                          trainable=plan.trainable),
-        in_shardings=(plan.state_shardings, batch_sharding), out_shardings=(plan.state_shardings, replicated),
-        donate_argnums=0)
-    eval_step = jax.jit(plan.eval_fn, in_shardings=(model.param_shardings, plan.state_shardings.ref_params,
+    train_step = jax.jit(plan.step_fn, in_shardings=(plan.state_shardings, batch_sharding),
+                         out_shardings=(plan.state_shardings, replicated), donate_argnums=0)
+    eval_step = jax.jit(plan.eval_fn, in_shardings=(plan.param_plan.param_shardings, plan.state_shardings.ref_params,
                                                     batch_sharding), out_shardings=replicated)
     train_batches = loader.train_batches(train_arrays, global_batch_size=config.train.global_batch_size,
-                                         seed=config.seed,
-                                         mixture=task.dpo_mixture if stage == "dpo" else task.sft_mixture)
+                                         seed=config.seed, mixture=getattr(task, f"{data_name}_mixture", None))
     eval_batches = loader.eval_batches(eval_arrays, global_batch_size=config.eval.batch_size)
 
     def evaluate(step):
@@ -356,6 +473,31 @@ def _run_stage(plan, config, workdir, mesh, task, model, previous_params, done, 
         "params_fingerprint": fingerprints.params_fingerprint(state.params),
         "nonfinite_steps": lagged.nonfinite_total,  # skipped updates in the invocation that finished the stage
     }
+
+
+def _evaluate_samples(config, task, model, results, last_policy_stage):
+    """Samples from the final policy on held-out prompts, scored by `config.evaluation.scorer`, with the
+    sequence KL to the last policy stage's starting point (e.g. the SFT model for DPO or PPO)."""
+    if last_policy_stage is None:
+        raise ValueError("config.evaluation.scorer evaluates a policy, but config.stages trains none")
+    plan, results_before = last_policy_stage
+    reference_params = _initial_params(plan, config, results_before, model)
+    if plan.name == "ppo":
+        reference_params = reference_params["policy"]
+    evaluation_config = config.evaluation
+    prompts = {key: value[:evaluation_config.num_prompts] for key, value in task.prompts_eval.items()}
+    tokenizer = task.tokenizer
+    judge = scorers.make_judge(evaluation_config.judge) if evaluation_config.judge else None
+    result = evaluation.evaluate_policy(
+        model.graphdef, results["policy"], reference_params, prompts["prompt_ids"], prompts["prompt_lengths"],
+        decode=tokenizer.decode, scorer=scorers.make_scorer(evaluation_config.scorer),
+        temperatures=[float(t) for t in evaluation_config.temperatures.split(",")],
+        samples_per_prompt=evaluation_config.samples_per_prompt, max_new_tokens=evaluation_config.max_new_tokens,
+        eos_ids=tuple(tokenizer.eos_ids), pad_id=0, seed=config.seed, batch_size=evaluation_config.batch_size,
+        judge=judge, reference_responses=[tokenizer.decode(ids[:length].tolist()) for ids, length in
+                                          zip(prompts["reference_ids"], prompts["reference_lengths"])])
+    logging.info("sample evaluation: %s", result)
+    return result
 
 
 def format_report(summary):

@@ -1,4 +1,4 @@
-"""Data: preference pairs and SFT examples as token arrays in a layout, batched by grain.
+"""Data: preference pairs, SFT examples, pretraining texts and prompts as token arrays, batched by grain.
 
     task = dpo_jax.data.load_task(config)   # the arrays of config.data, for config.model's vocabulary
 
@@ -7,7 +7,9 @@ Datasets are TFDS builders (`builders`; importing this package registers them, s
 read back as random-access data sources; `config.data.name = "synthetic"` is the built-in task of
 the quickstart. Several names separated by commas make a weighted mixture (`config.data.weights`).
 Each split is tokenised (`tokenize`), truncated and laid out (`layouts`) once, identically in
-every process; `loader` then serves each process its share of every batch.
+every process; `loader` then serves each process its share of every batch. Pretraining texts
+(`config.data.pretrain_files`) are read here directly: they need no preparation. `reviews`
+generates the review corpus of the controlled-sentiment experiment.
 """
 
 import dataclasses
@@ -20,19 +22,31 @@ import tensorflow_datasets as tfds
 from absl import logging
 from jax.experimental import multihost_utils
 
+from dpo_jax import models
 from dpo_jax.data import builders, layouts, records, synthetic, tokenize  # builders: registers the datasets
 
 DATASETS = ("synthetic", "hh_rlhf", "stanford_shp", "ultrafeedback_binarized", "tldr_comparisons", "imdb_prefixes",
             "preference_files")
+PAIR_STAGES = ("dpo", "reward", "unlikelihood")  # the stages that train on the preference pairs (Task.dpo_*)
 
 
 @dataclasses.dataclass
 class Task:
-    """Token arrays of one task: DPO pairs and SFT rows, train and eval (None for a stage not run);
-    `num_truncated`: examples truncated (as DPO sees them, or SFT when it runs alone).
+    """Token arrays of one task, train and eval (None where no stage of config.stages needs them):
+    - `dpo_*`: preference pairs (stages dpo, reward, unlikelihood); `sft_*`: SFT rows;
+    - `pretrain_*`: whole texts laid out as SFT rows, the first token as prompt: the loss is on
+      every later token;
+    - `prompts_*` (stage ppo, and sample evaluation when `config.evaluation.scorer` is set):
+      {prompt_ids [n, max_prompt_length], prompt_lengths [n], reference_ids [n, max_length],
+      reference_lengths [n]}, int32, right-padded with 0: the distinct (truncated) prompts of the
+      pairs, or of the SFT examples when no preference stage runs (IMDb prefixes have no pairs), in
+      order of first occurrence, with the chosen response of that occurrence as reference.
+    `num_truncated`: examples truncated (the pairs when a preference stage runs, else the SFT
+    examples, else the pretraining texts). `tokenizer`: config.data's (None for the synthetic task,
+    which is token ids already).
 
     A mixture's components are concatenated; `*_mixture` then lists (start, stop, weight) of each
-    component's units for the loader. `report` holds, per dataset and split, the counts of
+    component's units for the loader. `report` holds, per stage's data and split, the counts of
     examples, skipped examples by reason, truncated examples, and the layout's padding figures.
     """
     dpo_train: Optional[Dict[str, np.ndarray]]
@@ -43,6 +57,11 @@ class Task:
     report: Dict[str, dict] = dataclasses.field(default_factory=dict)
     dpo_mixture: Optional[List[Tuple[int, int, float]]] = None
     sft_mixture: Optional[List[Tuple[int, int, float]]] = None
+    pretrain_train: Optional[Dict[str, np.ndarray]] = None
+    pretrain_eval: Optional[Dict[str, np.ndarray]] = None
+    prompts_train: Optional[Dict[str, np.ndarray]] = None
+    prompts_eval: Optional[Dict[str, np.ndarray]] = None
+    tokenizer: Optional[models.Tokenizer] = None
 
 
 def dataset_names(data_config):
@@ -156,10 +175,16 @@ def _real_dataset_pairs(name, data_config, stage, split, tokenizer):
            if key not in ("skipped", "skipped_examples", "examples", "on_bad_example")}}
 
 
+def _synthetic_examples(config, evaluation):
+    """The synthetic task's untruncated token-id pairs {prompt, chosen, rejected} (train or eval)."""
+    data_config = config.data
+    return synthetic.make_pairs(data_config.num_eval if evaluation else data_config.num_train,
+                                seed=config.seed + int(evaluation), vocab_size=config.model.vocab_size)
+
+
 def _synthetic_pairs(config, evaluation):
     data_config = config.data
-    pairs = synthetic.make_pairs(data_config.num_eval if evaluation else data_config.num_train,
-                                 seed=config.seed + int(evaluation), vocab_size=config.model.vocab_size)
+    pairs = _synthetic_examples(config, evaluation)
     truncated_pairs, num_truncated = [], 0
     for pair in pairs:
         prompt, responses, truncated = layouts.truncate_example(
@@ -170,13 +195,13 @@ def _synthetic_pairs(config, evaluation):
     return truncated_pairs, {"examples": len(pairs), "truncated": num_truncated}
 
 
-def _stage_arrays(config, stage, evaluation, tokenizer, report):
-    """(arrays, mixture, number truncated) of a stage's train or eval data, over all of config.data's datasets."""
+def _stage_pairs(config, stage, evaluation, tokenizer, report, label):
+    """[(name/split, truncated pairs)] of a stage's train or eval data, one per dataset of config.data
+    (stage "dpo": preference pairs; "sft": SFT examples, pairs without `rejected`); each dataset's
+    counts go to `report` under "<label> <name>/<split>"."""
     data_config = config.data
-    names = dataset_names(data_config)
-    weights = list(data_config.weights) or [1.0] * len(names)
-    parts, num_truncated = [], 0
-    for name in names:
+    parts = []
+    for name in dataset_names(data_config):
         if name == "synthetic":
             split = "eval" if evaluation else "train"
             pairs, entry = _synthetic_pairs(config, evaluation)
@@ -184,36 +209,175 @@ def _stage_arrays(config, stage, evaluation, tokenizer, report):
             split = _dataset_splits(name, data_config, stage)[int(evaluation)]
             pairs, entry = _real_dataset_pairs(name, data_config, stage, split, tokenizer)
         _check_vocab(pairs, config.model.vocab_size, f"{name}/{split}")
+        report[f"{label} {name}/{split}"] = entry
+        parts.append((f"{name}/{split}", pairs))
+    return parts
+
+
+def _laid_out(parts, config, stage, evaluation, report):
+    """(arrays, mixture, number truncated) of `_stage_pairs`' parts: each laid out, then concatenated."""
+    data_config = config.data
+    weights = list(data_config.weights) or [1.0] * len(parts)
+    arrays_of_parts, num_truncated = [], 0
+    for where, pairs in parts:
         arrays = _split_arrays(pairs, data_config, stage)
-        report[f"{stage} {name}/{split}"] = {**entry, **layouts.token_stats(arrays, len(pairs))}
+        entry = report[f"{stage} {where}"]
+        entry.update(layouts.token_stats(arrays, len(pairs)))
         num_truncated += entry["truncated"]
-        parts.append(arrays)
-    arrays = {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
-    sizes = np.cumsum([0] + [len(next(iter(part.values()))) for part in parts])
+        arrays_of_parts.append(arrays)
+    arrays = {key: np.concatenate([part[key] for part in arrays_of_parts]) for key in arrays_of_parts[0]}
+    sizes = np.cumsum([0] + [len(next(iter(part.values()))) for part in arrays_of_parts])
     mixture = None if len(parts) == 1 or evaluation else [
         (int(start), int(stop), float(weight)) for start, stop, weight in zip(sizes[:-1], sizes[1:], weights)]
     return arrays, mixture, num_truncated
 
 
-def load_task(config) -> Task:
-    """Builds the token arrays of `config.data` for `config.model`'s vocabulary, for the stages in `config.stages`."""
-    data_config = config.data
-    names = dataset_names(data_config)
-    tokenizer = None
-    if any(name != "synthetic" for name in names):
-        tokenizer = tokenize.load(data_config.tokenizer or config.model.init_from_hf)
-    report, arrays, mixtures, num_truncated = {}, {}, {}, 0
-    for stage in ("dpo", "sft"):
-        if stage not in config.stages:
+def _prompt_arrays(parts, data_config):
+    """`layouts.prompt_arrays` of the distinct prompts of `_stage_pairs`' parts, in order of first
+    occurrence, each with the chosen response of that occurrence as reference."""
+    references = {}
+    for _, pairs in parts:
+        for pair in pairs:
+            references.setdefault(tuple(pair["prompt"]), pair["chosen"])
+    return layouts.prompt_arrays(list(references), list(references.values()),
+                                 max_prompt_length=data_config.max_prompt_length, max_length=data_config.max_length)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pretraining texts
+# ---------------------------------------------------------------------------------------------
+
+def _read_texts(paths, bad):
+    """(location, text) of the {"text": ...} records of `paths`; bad records go to `bad`."""
+    texts = []
+    for path in paths:
+        for location, record in records.read_records(path):
+            try:
+                if isinstance(record, records.BadExample):
+                    raise record
+                if not isinstance(record, dict):
+                    raise records.BadExample(location, "wrong type",
+                                             f"a record must be a JSON object, got {type(record).__name__}")
+                text = records.text_field(record, "text", location)
+                if not text.strip():
+                    raise records.BadExample(location, "empty text")
+            except records.BadExample as error:
+                bad.handle(error)
+                continue
+            texts.append((location, text))
+    return texts
+
+
+def _text_ids(texts, tokenizer, bad):
+    """Token ids of whole texts [(location, text)], by tokenize.py's rules for a prompt's BOS (once,
+    where the tokenizer's post-processor puts one) and a response's EOS (once, at the end; an
+    end-of-generation token inside a text is bad, as in a response)."""
+    inner = tokenizer.tokenizer
+    eos_id = tokenizer.token_id(tokenizer.eos_token)
+    end_ids = set(tokenizer.eos_ids) | {eos_id}
+    bos_id = tokenize._added_bos(tokenizer)  # pylint: disable=protected-access
+    sequences = []
+    encodings = inner.encode_batch([text for _, text in texts], add_special_tokens=False)
+    for (location, _), encoding in zip(texts, encodings):
+        ids = encoding.ids
+        if any(token in end_ids for token in ids[:-1]):
+            bad.handle(records.BadExample(location, "end-of-generation token inside a text",
+                                          f"{[inner.id_to_token(t) for t in ids if t in end_ids]}"))
             continue
-        arrays[f"{stage}_train"], mixtures[stage], truncated_train = _stage_arrays(config, stage, False, tokenizer,
-                                                                                   report)
-        arrays[f"{stage}_eval"], _, truncated_eval = _stage_arrays(config, stage, True, tokenizer, report)
-        # The same examples serve both stages: count them once, as DPO sees them when it runs.
-        if stage == "dpo" or "dpo" not in config.stages:
-            num_truncated = truncated_train + truncated_eval
+        if not ids or ids[-1] not in end_ids:
+            ids = ids + [eos_id]
+        if bos_id is not None and ids[:1] != [bos_id]:
+            ids = [bos_id] + ids
+        if len(ids) < 2:
+            bad.handle(records.BadExample(location, "empty text", "no token to predict after the first"))
+            continue
+        sequences.append(ids)
+    return sequences
+
+
+def _pretrain_arrays(config, evaluation, tokenizer, report):
+    """(arrays, number truncated) of the pretraining texts, train or eval: `data.pretrain_files` /
+    `pretrain_eval_files`, or with `data.name="synthetic"` the synthetic pairs' prompt + chosen ids."""
+    data_config = config.data
+    files_key = "pretrain_eval_files" if evaluation else "pretrain_files"
+    entry = {}
+    if data_config.pretrain_files:
+        paths = _files(data_config[files_key])
+        if not paths:
+            raise ValueError(f"config.data.{files_key}: the pretrain stage evaluates on held-out texts; "
+                             "name their files")
+        where = f"data.{files_key}"
+        bad = records.BadExamples(data_config.on_bad_example)
+        sequences = _text_ids(_read_texts(paths, bad), tokenizer, bad)
+        if not sequences:
+            raise ValueError(f"config.{where}: no usable texts (skipped: {dict(bad.counts)}; first: {bad.kept[:3]})")
+        entry = {"skipped": dict(bad.counts), "skipped_examples": bad.kept}
+    elif dataset_names(data_config) == ["synthetic"]:
+        where = "synthetic/" + ("eval" if evaluation else "train")
+        sequences = [pair["prompt"] + pair["chosen"] for pair in _synthetic_examples(config, evaluation)]
+    else:
+        raise ValueError("config.data.pretrain_files: the pretrain stage needs texts ({\"text\": ...} JSONL files); "
+                         "only data.name='synthetic' brings its own")
+    # The first token is the prompt, so that every later token is predicted and scored.
+    pairs, num_truncated = [], 0
+    for ids in sequences:
+        prompt, responses, truncated = layouts.truncate_example(
+            ids[:1], [ids[1:]], max_length=data_config.max_length, max_prompt_length=data_config.max_prompt_length)
+        num_truncated += truncated
+        pairs.append(dict(prompt=prompt, chosen=responses[0]))
+    _check_vocab(pairs, config.model.vocab_size, where)
+    arrays = _split_arrays(pairs, data_config, "sft")
+    report[f"pretrain {where}"] = {"examples": len(pairs), "truncated": num_truncated, **entry,
+                                   **layouts.token_stats(arrays, len(pairs))}
+    return arrays, num_truncated
+
+
+# ---------------------------------------------------------------------------------------------
+# The task
+# ---------------------------------------------------------------------------------------------
+
+def load_task(config) -> Task:
+    """Builds the token arrays of `config.data` for `config.model`'s vocabulary, for the stages in `config.stages`
+    (and the prompts of sample evaluation when `config.evaluation.scorer` is set)."""
+    data_config = config.data
+    stages = tuple(config.stages)
+    pairs_needed = any(stage in stages for stage in PAIR_STAGES)
+    prompts_needed = "ppo" in stages or bool(config.evaluation.scorer)
+    tokenizer = None
+    if any(name != "synthetic" for name in dataset_names(data_config)) or (
+            "pretrain" in stages and data_config.pretrain_files):
+        tokenizer = tokenize.load(data_config.tokenizer or config.model.init_from_hf)
+    report, fields, mixtures, truncated = {}, {}, {}, {}
+    # Prompts are the pairs' when a preference stage runs, else the SFT examples' (IMDb prefixes have no pairs).
+    prompt_source = "dpo" if pairs_needed else "sft"
+    for stage, laid_out in (("dpo", pairs_needed), ("sft", "sft" in stages)):
+        with_prompts = prompts_needed and stage == prompt_source
+        if not (laid_out or with_prompts):
+            continue
+        for evaluation, split in ((False, "train"), (True, "eval")):
+            parts = _stage_pairs(config, stage, evaluation, tokenizer, report, label=stage if laid_out else "prompts")
+            if laid_out:
+                fields[f"{stage}_{split}"], mixture, split_truncated = _laid_out(parts, config, stage, evaluation,
+                                                                                 report)
+                if not evaluation:
+                    mixtures[stage] = mixture
+                truncated[stage] = truncated.get(stage, 0) + split_truncated
+            if with_prompts:
+                fields[f"prompts_{split}"] = _prompt_arrays(parts, data_config)
+                report[f"prompts {split}"] = {"prompts": len(fields[f"prompts_{split}"]["prompt_lengths"]),
+                                              "from": "pairs" if stage == "dpo" else "sft examples"}
+    if "pretrain" in stages:
+        for evaluation, split in ((False, "train"), (True, "eval")):
+            fields[f"pretrain_{split}"], split_truncated = _pretrain_arrays(config, evaluation, tokenizer, report)
+            truncated["pretrain"] = truncated.get("pretrain", 0) + split_truncated
     for key, entry in report.items():
         logging.info("data %s: %s", key, entry)
-    return Task(dpo_train=arrays.get("dpo_train"), dpo_eval=arrays.get("dpo_eval"), sft_train=arrays.get("sft_train"),
-                sft_eval=arrays.get("sft_eval"), num_truncated=num_truncated, report=report,
-                dpo_mixture=mixtures.get("dpo"), sft_mixture=mixtures.get("sft"))
+    # Pairs and SFT examples are often the same examples: count them once, as the pairs when a
+    # preference stage runs, else as SFT sees them, else the pretraining texts.
+    num_truncated = next((truncated[kind] for kind in ("dpo", "sft", "pretrain") if kind in truncated), 0)
+    return Task(dpo_train=fields.get("dpo_train"), dpo_eval=fields.get("dpo_eval"), sft_train=fields.get("sft_train"),
+                sft_eval=fields.get("sft_eval"), num_truncated=num_truncated, report=report,
+                dpo_mixture=mixtures.get("dpo"), sft_mixture=mixtures.get("sft"),
+                pretrain_train=fields.get("pretrain_train"), pretrain_eval=fields.get("pretrain_eval"),
+                prompts_train=fields.get("prompts_train"), prompts_eval=fields.get("prompts_eval"),
+                tokenizer=tokenizer)

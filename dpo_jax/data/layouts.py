@@ -227,3 +227,27 @@ def token_stats(arrays, num_examples):
     total = sum(arrays[key].size for key in segment_keys)
     real = sum(int(np.count_nonzero(arrays[key])) for key in segment_keys)
     return {"padding_fraction": 1.0 - real / max(total, 1), "tokens_per_example": total / max(num_examples, 1)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Prompts (sampling: PPO rollouts, sample evaluation)
+# ---------------------------------------------------------------------------------------------
+
+def _right_padded(sequences, width, pad_id):
+    """[len(sequences), width] int32 of token lists (each <= width long), padded on the right."""
+    rows = np.full((len(sequences), width), pad_id, np.int32)
+    for row, tokens in enumerate(sequences):
+        rows[row, :len(tokens)] = tokens
+    return rows
+
+
+def prompt_arrays(prompts, references, *, max_prompt_length, max_length, pad_id=0):
+    """{prompt_ids [n, max_prompt_length], prompt_lengths [n], reference_ids [n, max_length],
+    reference_lengths [n]} (int32, right-padded) of already truncated prompts and their reference responses.
+
+    Prompts are right-padded: a sampler starts each row's generation after its own length.
+    """
+    return dict(prompt_ids=_right_padded(prompts, max_prompt_length, pad_id),
+                prompt_lengths=np.array([len(prompt) for prompt in prompts], np.int32).reshape(-1),
+                reference_ids=_right_padded(references, max_length, pad_id),
+                reference_lengths=np.array([len(reference) for reference in references], np.int32).reshape(-1))

@@ -1,0 +1,48 @@
+r"""The DPO paper's single-turn dialogue run: Pythia 2.8B on Anthropic HH (section 6.2, figure 3 right).
+
+SFT of Pythia 2.8B on the chosen responses of HH, then DPO with beta 0.1, evaluated by win rate
+against the chosen responses of held-out prompts. The paper's judge is GPT-4; here it is any
+command given as `evaluation.judge=command:<cmd>` (reads {"prompt", "a", "b"} JSON lines, prints
+P(a is better) per line), or `scorer:<scorer spec>`. Download Pythia 2.8B (safetensors), then:
+
+  python -m dpo_jax.main --config=configs/hh_pythia28b.py:model_dir=/models/pythia-2.8b --workdir=gs://bucket/hh \
+      --config.evaluation.judge='command:python my_gpt4_judge.py' --config.mesh.fsdp=8
+  python -m dpo_jax.main --config=configs/hh_pythia28b.py:runlocal --workdir=/tmp/hh_tiny \
+      --config.data.tokenizer=TOKENIZER_DIR     # CPU, a minute, on ../shared/data/hh-rlhf
+
+`runlocal` trains on the harmless-base file at ../shared/data/hh-rlhf (its `test` split) with a
+tiny model; VADER judges (only to exercise the pipeline).
+"""
+
+import os
+
+from configs import common, paper
+
+_SHARED_HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
+                          "hh-rlhf")
+
+
+def get_config(arg=None):
+    arg = common.parse_arg(arg, runlocal=False, model_dir="")
+    config = paper.paper_config("pythia-2.8b", stages=("sft", "dpo"))
+    config.model.init_from_hf = arg.model_dir
+    config.data.name = "hh_rlhf/helpful-base,hh_rlhf/harmless-base,hh_rlhf/helpful-online,hh_rlhf/helpful-rejection-sampled"
+    config.data.max_length = 512
+    config.data.max_prompt_length = 256
+    config.sft.num_steps = 2000
+    config.dpo.num_steps = 2500
+    config.dpo.beta = 0.1
+    config.mesh.fsdp = -1
+    config.mesh.data = 1
+    config.evaluation.update(judge="", temperatures="0.25,0.5,0.75,1.0", samples_per_prompt=1, num_prompts=256,
+                             max_new_tokens=256, batch_size=32)
+
+    if arg.runlocal:
+        config = paper.make_runlocal(config, max_length=64, max_prompt_length=48)
+        config.model.vocab_size = 512
+        config.mesh.fsdp, config.mesh.data = 1, -1
+        config.data.name = "hh_rlhf/harmless-base"
+        config.data.manual_dir = _SHARED_HH if os.path.isdir(_SHARED_HH) else ""
+        config.data.train_split = config.data.eval_split = "test"  # the split on disk
+        config.evaluation.update(judge="scorer:vader", temperatures="1.0")
+    return config
