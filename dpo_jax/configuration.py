@@ -231,11 +231,18 @@ def _validate_data(config):
     _check(data.on_bad_example in records.ON_BAD_EXAMPLE, "data.on_bad_example",
            f"must be one of {records.ON_BAD_EXAMPLE}, got {data.on_bad_example!r}")
     real = [name for name in names if name != "synthetic"]
-    if real:
+    if real or data.pretrain_files:
         tokenizer = data.tokenizer or config.model.init_from_hf
         _check(tokenizer and os.path.exists(tokenizer), "data.tokenizer",
-               f"datasets {real} need a tokenizer: a model dir or tokenizer.json (or model.init_from_hf), "
-               f"got {tokenizer!r}")
+               f"{'datasets ' + str(real) if real else 'data.pretrain_files'} need a tokenizer: a model dir or "
+               f"tokenizer.json (or model.init_from_hf), got {tokenizer!r}")
+    _check("pretrain" not in config.stages or data.pretrain_files or not real, "data.pretrain_files",
+           "the pretrain stage needs texts: data.pretrain_files (JSON lines of {\"text\": ...})")
+    _check(not data.pretrain_files or data.pretrain_eval_files, "data.pretrain_eval_files",
+           "data.pretrain_files needs held-out texts as well")
+    for key in ("pretrain_files", "pretrain_eval_files"):
+        for path in filter(None, (p.strip() for p in data[key].split(","))):
+            _check(os.path.isfile(path), f"data.{key}", f"{path!r} is not a file")
     _check(not data.manual_dir or os.path.isdir(data.manual_dir), "data.manual_dir",
            f"{data.manual_dir!r} is not a directory")
     if "preference_files" in names:

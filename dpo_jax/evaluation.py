@@ -171,9 +171,10 @@ def _score_responses(prompt_texts, response_texts, response_lengths, *, scorer, 
     samples_per_prompt = len(response_texts[0])
     prompts = [prompt for prompt in prompt_texts for _ in range(samples_per_prompt)]
     responses = [text for texts in response_texts for text in texts]
-    scores = np.asarray(scorer(prompts, responses), np.float64)
-    result = {"score": float(scores.mean()), "score_std": float(scores.std()),
-              "response_length": float(np.mean(response_lengths)), "num_samples": len(responses)}
+    result = {"response_length": float(np.mean(response_lengths)), "num_samples": len(responses)}
+    if scorer is not None:
+        scores = np.asarray(scorer(prompts, responses), np.float64)
+        result.update(score=float(scores.mean()), score_std=float(scores.std()))
     if judge is not None and reference_responses is not None:
         references = [reference for reference in reference_responses for _ in range(samples_per_prompt)]
         result["win_rate"] = float(np.mean(judge(prompts, responses, references)))
@@ -190,7 +191,7 @@ def evaluate_policy(graphdef, params, reference_params, prompt_ids, prompt_lengt
     """Samples responses at each temperature and scores them; estimates KL(pi || pi_ref).
 
     decode: token ids -> text (e.g. `tokenizer.decode`); scorer: (prompts, responses) -> scores
-    (`scorers.make_scorer`); judge and reference_responses (one text per prompt): win rates, the mean
+    (`scorers.make_scorer`; None: no scores, e.g. for win rates only); judge and reference_responses (one text per prompt): win rates, the mean
     of judge(prompt, sample, reference). reference_params: the reference model's params for the
     same `graphdef` (None: no KL).
 

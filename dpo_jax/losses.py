@@ -603,7 +603,8 @@ def preference_loss(policy_chosen_logps: Array, policy_rejected_logps: Array,
 # KTO: unpaired data
 # ---------------------------------------------------------------------------------------------
 
-def _masked_mean(values: Array, mask: Array) -> Array:
+def masked_mean(values: Array, mask: Array) -> Array:
+    """The mean of `values` where `mask` is 1 (0 when the mask is empty)."""
     return jnp.sum(values * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
@@ -643,10 +644,10 @@ def kto_loss(policy_logps: Array, reference_logps: Array, desirable: Array, poli
     logps = jax.lax.stop_gradient(f32(policy_logps))
     desirable_mask, undesirable_mask = is_desirable.astype(jnp.float32), (~is_desirable).astype(jnp.float32)
     metrics = {
-        "rewards/chosen": _masked_mean(rewards, desirable_mask),
-        "rewards/rejected": _masked_mean(rewards, undesirable_mask),
-        "logps/chosen": _masked_mean(logps, desirable_mask),
-        "logps/rejected": _masked_mean(logps, undesirable_mask),
+        "rewards/chosen": masked_mean(rewards, desirable_mask),
+        "rewards/rejected": masked_mean(rewards, undesirable_mask),
+        "logps/chosen": masked_mean(logps, desirable_mask),
+        "logps/rejected": masked_mean(logps, undesirable_mask),
         "kl": kl,
     }
     metrics["rewards/margins"] = metrics["rewards/chosen"] - metrics["rewards/rejected"]

@@ -29,8 +29,6 @@ from dpo_jax import losses, models, steps
 from dpo_jax.models import sampling
 from dpo_jax.models.scalar import last_token_scores
 
-# sum(values * mask) / max(sum(mask), 1): the loss library's masked mean, private there.
-_masked_mean = losses._masked_mean  # pylint: disable=protected-access
 # Variance floor of `whiten`, as TRL's masked_whiten.
 _WHITEN_EPSILON = 1e-8
 # Ziegler et al.'s adaptive KL controller changes the coefficient by at most this fraction per horizon.
@@ -50,8 +48,8 @@ def whiten(values, mask, shift_mean=True):
     """
     values, mask = values.astype(jnp.float32), mask.astype(jnp.float32)
     count = jnp.sum(mask)
-    mean = _masked_mean(values, mask)
-    variance = _masked_mean(jnp.square(values - mean), mask) * count / jnp.maximum(count - 1.0, 1.0)
+    mean = losses.masked_mean(values, mask)
+    variance = losses.masked_mean(jnp.square(values - mean), mask) * count / jnp.maximum(count - 1.0, 1.0)
     whitened = (values - mean) * jax.lax.rsqrt(variance + _WHITEN_EPSILON)
     if not shift_mean:
         whitened = whitened + mean
@@ -107,9 +105,9 @@ def policy_loss(new_logps, old_logps, advantages, mask, clip_range):
     ratio = jnp.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * jnp.clip(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = _masked_mean(jnp.maximum(unclipped, clipped), mask)
-    clipfrac = _masked_mean((clipped > unclipped).astype(jnp.float32), mask)
-    approxkl = _masked_mean(0.5 * jnp.square(log_ratio), mask)
+    loss = losses.masked_mean(jnp.maximum(unclipped, clipped), mask)
+    clipfrac = losses.masked_mean((clipped > unclipped).astype(jnp.float32), mask)
+    approxkl = losses.masked_mean(0.5 * jnp.square(log_ratio), mask)
     return loss, jax.lax.stop_gradient(clipfrac), jax.lax.stop_gradient(approxkl)
 
 
@@ -125,8 +123,8 @@ def value_loss(new_values, old_values, returns, mask, clip_range_value):
     clipped_values = jnp.clip(new_values, old_values - clip_range_value, old_values + clip_range_value)
     unclipped_error = jnp.square(new_values - returns)
     clipped_error = jnp.square(clipped_values - returns)
-    loss = 0.5 * _masked_mean(jnp.maximum(unclipped_error, clipped_error), mask)
-    clipfrac = _masked_mean((clipped_error > unclipped_error).astype(jnp.float32), mask)
+    loss = 0.5 * losses.masked_mean(jnp.maximum(unclipped_error, clipped_error), mask)
+    clipfrac = losses.masked_mean((clipped_error > unclipped_error).astype(jnp.float32), mask)
     return loss, jax.lax.stop_gradient(clipfrac)
 
 

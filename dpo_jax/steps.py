@@ -183,10 +183,6 @@ def sft_loss(params, ref_params, batch, rng, *, graphdef):
     return nll, ({"nll": nll}, num_tokens)
 
 
-def _masked_mean(values, pair_mask):
-    return jnp.sum(values * pair_mask) / jnp.maximum(jnp.sum(pair_mask), 1.0)
-
-
 def _mean_over_pairs(pair_loss, inputs, batch):
     """(loss, (metrics, pairs)) of `pair_loss(*inputs) -> (per-pair losses, batch-mean metrics)`,
     `inputs` being [pairs] arrays: averaged over the batch's pairs (packed: the real ones)."""
@@ -197,8 +193,8 @@ def _mean_over_pairs(pair_loss, inputs, batch):
     # (a batch of one each) and averaged over the real pairs only.
     pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32)
     per_pair_metrics = jax.vmap(lambda *pair: pair_loss(*(x[None] for x in pair))[1])(*inputs)
-    metrics = jax.tree.map(lambda values: _masked_mean(values, pair_mask), per_pair_metrics)
-    return _masked_mean(per_example, pair_mask), (metrics, jnp.sum(pair_mask))
+    metrics = jax.tree.map(lambda values: losses.masked_mean(values, pair_mask), per_pair_metrics)
+    return losses.masked_mean(per_example, pair_mask), (metrics, jnp.sum(pair_mask))
 
 
 def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
@@ -369,7 +365,7 @@ def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
         token_kl = losses.sequence_kl(logits[:, :, None], reference_logits[:, :, None], jnp.ones(labels.shape + (1,)))
         chosen_kl, rejected_kl = _pair_sums(token_kl, batch, rows)
         pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32) if "pair_mask" in batch else 1.0
-        metrics["kl"] = _masked_mean((chosen_kl + rejected_kl) / 2, pair_mask * jnp.ones_like(chosen_kl))
+        metrics["kl"] = losses.masked_mean((chosen_kl + rejected_kl) / 2, pair_mask * jnp.ones_like(chosen_kl))
     return metrics
 
 

@@ -167,7 +167,7 @@ def run(config, workdir, *, halt_after_steps=None):
                 last_policy_stage = (plan, dict(results))
                 results["policy"] = final["policy"] if stage == "ppo" else final
             _write_json(os.path.join(workdir, "summary.json"), summary)
-        if config.evaluation.scorer and "evaluation" not in summary:
+        if (config.evaluation.scorer or config.evaluation.judge) and "evaluation" not in summary:
             summary["evaluation"] = _evaluate_samples(config, task, model, results, last_policy_stage)
             _write_json(os.path.join(workdir, "summary.json"), summary)
     finally:
@@ -476,10 +476,11 @@ def _run_stage(plan, config, workdir, mesh, task, model, results, done, writer, 
 
 
 def _evaluate_samples(config, task, model, results, last_policy_stage):
-    """Samples from the final policy on held-out prompts, scored by `config.evaluation.scorer`, with the
-    sequence KL to the last policy stage's starting point (e.g. the SFT model for DPO or PPO)."""
+    """Samples from the final policy on held-out prompts, scored by `config.evaluation.scorer` and judged
+    against the reference responses by `config.evaluation.judge`, with the sequence KL to the last policy
+    stage's starting point (e.g. the SFT model for DPO or PPO)."""
     if last_policy_stage is None:
-        raise ValueError("config.evaluation.scorer evaluates a policy, but config.stages trains none")
+        raise ValueError("config.evaluation.scorer / judge evaluate a policy, but config.stages trains none")
     plan, results_before = last_policy_stage
     reference_params = _initial_params(plan, config, results_before, model)
     if plan.name == "ppo":
@@ -490,7 +491,8 @@ def _evaluate_samples(config, task, model, results, last_policy_stage):
     judge = scorers.make_judge(evaluation_config.judge) if evaluation_config.judge else None
     result = evaluation.evaluate_policy(
         model.graphdef, results["policy"], reference_params, prompts["prompt_ids"], prompts["prompt_lengths"],
-        decode=tokenizer.decode, scorer=scorers.make_scorer(evaluation_config.scorer),
+        decode=tokenizer.decode,
+        scorer=scorers.make_scorer(evaluation_config.scorer) if evaluation_config.scorer else None,
         temperatures=[float(t) for t in evaluation_config.temperatures.split(",")],
         samples_per_prompt=evaluation_config.samples_per_prompt, max_new_tokens=evaluation_config.max_new_tokens,
         eos_ids=tuple(tokenizer.eos_ids), pad_id=0, seed=config.seed, batch_size=evaluation_config.batch_size,
@@ -501,9 +503,12 @@ def _evaluate_samples(config, task, model, results, last_policy_stage):
 
 
 def format_report(summary):
-    """The end-of-run table: per stage, the final eval numbers; for DPO, before and after."""
+    """The end-of-run table: per stage, the final eval numbers (for DPO, before and after); then the
+    sample evaluation, if any."""
     lines = []
     for stage, result in summary.items():
+        if stage == "evaluation":
+            continue
         final = result.get("eval") or {}
         lines.append(f"{stage}: {result['steps']} steps, {result['wall_seconds']:.1f} s, "
                      f"fingerprint {result['params_fingerprint'][:12]}")
@@ -516,4 +521,11 @@ def format_report(summary):
                     lines.append(f"  {name:<22}{before[key]:>12.4f}{final[key]:>12.4f}")
         elif final:
             lines.append("  " + ", ".join(f"{key}={value:.4f}" for key, value in sorted(final.items())))
+    if "evaluation" in summary:
+        evaluation_result = summary["evaluation"]
+        kl = f", KL to reference {evaluation_result['kl']:.4f}" if "kl" in evaluation_result else ""
+        lines.append(f"samples of the final policy{kl}")
+        for temperature, result in sorted(evaluation_result["temperatures"].items(), key=lambda item: float(item[0])):
+            numbers = ", ".join(f"{key} {result[key]:.4f}" for key in ("score", "win_rate") if key in result)
+            lines.append(f"  temperature {temperature}: {numbers}")
     return "\n".join(lines)

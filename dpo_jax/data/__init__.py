@@ -36,7 +36,7 @@ class Task:
     - `dpo_*`: preference pairs (stages dpo, reward, unlikelihood); `sft_*`: SFT rows;
     - `pretrain_*`: whole texts laid out as SFT rows, the first token as prompt: the loss is on
       every later token;
-    - `prompts_*` (stage ppo, and sample evaluation when `config.evaluation.scorer` is set):
+    - `prompts_*` (stage ppo, and sample evaluation when `config.evaluation.scorer` or `judge` is set):
       {prompt_ids [n, max_prompt_length], prompt_lengths [n], reference_ids [n, max_length],
       reference_lengths [n]}, int32, right-padded with 0: the distinct (truncated) prompts of the
       pairs, or of the SFT examples when no preference stage runs (IMDb prefixes have no pairs), in
@@ -275,7 +275,7 @@ def _text_ids(texts, tokenizer, bad):
     inner = tokenizer.tokenizer
     eos_id = tokenizer.token_id(tokenizer.eos_token)
     end_ids = set(tokenizer.eos_ids) | {eos_id}
-    bos_id = tokenize._added_bos(tokenizer)  # pylint: disable=protected-access
+    bos_id = tokenize.added_bos(tokenizer)
     sequences = []
     encodings = inner.encode_batch([text for _, text in texts], add_special_tokens=False)
     for (location, _), encoding in zip(texts, encodings):
@@ -338,11 +338,11 @@ def _pretrain_arrays(config, evaluation, tokenizer, report):
 
 def load_task(config) -> Task:
     """Builds the token arrays of `config.data` for `config.model`'s vocabulary, for the stages in `config.stages`
-    (and the prompts of sample evaluation when `config.evaluation.scorer` is set)."""
+    (and the prompts of sample evaluation when `config.evaluation.scorer` or `judge` is set)."""
     data_config = config.data
     stages = tuple(config.stages)
     pairs_needed = any(stage in stages for stage in PAIR_STAGES)
-    prompts_needed = "ppo" in stages or bool(config.evaluation.scorer)
+    prompts_needed = "ppo" in stages or bool(config.evaluation.scorer or config.evaluation.judge)
     tokenizer = None
     if any(name != "synthetic" for name in dataset_names(data_config)) or (
             "pretrain" in stages and data_config.pretrain_files):

@@ -69,7 +69,7 @@ def train_byte_level_bpe(texts, output_dir, *, vocab_size=8192, eos_token="<|end
     return output_dir
 
 
-def _added_bos(tokenizer):
+def added_bos(tokenizer):
     """The BOS id the tokenizer's post-processor puts before a text, or None (GPT-2 style)."""
     with_specials = tokenizer.tokenizer.encode("", add_special_tokens=True).ids
     bos_id = tokenizer.bos_id
@@ -120,7 +120,7 @@ def tokenize(examples: Sequence[dict], tokenizer, *, bad, check_boundaries=True,
     inner = tokenizer.tokenizer
     eos_id = tokenizer.token_id(tokenizer.eos_token)
     end_ids = set(tokenizer.eos_ids) | {eos_id}
-    bos_id = _added_bos(tokenizer)
+    bos_id = added_bos(tokenizer)
     kept, prompts, responses = [], [], []
     for example in examples:
         try:

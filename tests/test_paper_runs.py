@@ -1,0 +1,142 @@
+"""The DPO paper's run configs in their `runlocal` variants, end to end through `python -m dpo_jax.main`.
+
+Each builds its whole pipeline on CPU: the controlled-sentiment experiment (the generated corpus,
+pretraining, SFT, sampled pairs labelled by VADER, the reward model, DPO, PPO, PPO-GT, Preferred-FT,
+Unlikelihood, Best-of-N and the results table and plot), IMDb's configuration of the same
+pipeline, and TL;DR and HH (SFT, DPO, win rates at several temperatures).
+"""
+
+import json
+import math
+import os
+
+import pytest
+
+from conftest import SHARED_DATA, run_python
+from dpo_jax.data import tokenize
+
+pytestmark = pytest.mark.slow
+HH_DIR = os.path.join(SHARED_DATA, "hh-rlhf")
+
+
+def _read(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _checkpoint_steps(workdir):
+    """{run/stage: saved steps} of every run of an experiment workdir."""
+    steps = {}
+    for root, directories, _ in os.walk(os.path.join(workdir, "runs")):
+        if os.path.basename(os.path.dirname(root)) == "checkpoints":
+            steps[os.path.relpath(root, workdir)] = sorted(d for d in directories if d.isdigit())
+    return steps
+
+
+def test_sentiment_frontier_runs_every_method_and_resumes_without_redoing_work(tmp_path):
+    workdir = str(tmp_path / "frontier")
+    args = ["-m", "dpo_jax.main", "--config=configs/sentiment_frontier.py:runlocal", f"--workdir={workdir}"]
+    first = run_python(args)
+
+    rows = _read(os.path.join(workdir, "results.json"))
+    assert {row["method"] for row in rows} == {"SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood",
+                                               "Best-of-N"}
+    by_method = {row["method"]: row for row in rows}
+    assert by_method["SFT"]["kl"] == 0.0  # the SFT model scored against itself: the same forward pass
+    assert by_method["Best-of-N"]["kl"] == pytest.approx(math.log(2) - 1 / 2)  # N=2, the analytic bound
+    assert all(math.isfinite(row["kl"]) and -1.0 <= row["score"] <= 1.0 for row in rows)  # VADER compound
+    with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
+        assert len([line for line in f if line.startswith("| ")]) == len(rows) + 1  # header + a row each
+    with open(os.path.join(workdir, "frontier.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # Pairs: every record chosen over rejected by the ground-truth score.
+    with open(os.path.join(workdir, "pairs", "train.jsonl"), encoding="utf-8") as f:
+        pairs = [json.loads(line) for line in f]
+    assert pairs and all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs)
+    # Each method ran from the SFT checkpoint in its own workdir, with its sample evaluation.
+    dpo_summary = _read(os.path.join(workdir, "runs", "dpo_beta0.1", "summary.json"))
+    assert set(dpo_summary) == {"dpo", "evaluation"}
+    ppo_gt_config = _read(os.path.join(workdir, "runs", "ppo_gt_kl_coef0.05", "config.json"))
+    assert ppo_gt_config["ppo"]["reward"] == "vader"
+
+    # A rerun finds everything done: the same table, no new checkpoint, the pairs not rewritten.
+    steps_before = _checkpoint_steps(workdir)
+    pairs_mtime = os.path.getmtime(os.path.join(workdir, "pairs", "train.jsonl"))
+    second = run_python(args)
+    assert second.stdout.splitlines()[-len(rows) - 1:] == first.stdout.splitlines()[-len(rows) - 1:]
+    assert _checkpoint_steps(workdir) == steps_before
+    assert os.path.getmtime(os.path.join(workdir, "pairs", "train.jsonl")) == pairs_mtime
+
+
+def test_imdb_runlocal_builds_the_controlled_sentiment_pipeline(tmp_path):
+    workdir = str(tmp_path / "imdb")
+    run_python(["-m", "dpo_jax.main", "--config=configs/imdb_gpt2_large.py:runlocal", f"--workdir={workdir}"])
+    rows = _read(os.path.join(workdir, "results.json"))
+    assert {row["method"] for row in rows} == {"SFT", "DPO", "PPO", "Preferred-FT", "Best-of-N"}
+    assert _read(os.path.join(workdir, "runs", "sft", "config.json"))["stages"] == ["sft"]
+
+
+def _train_tokenizer(texts, directory):
+    return tokenize.train_byte_level_bpe(texts, directory, vocab_size=512)
+
+
+def _assert_win_rates(summary, temperatures):
+    evaluation = summary["evaluation"]
+    assert sorted(evaluation["temperatures"]) == sorted(temperatures)
+    for result in evaluation["temperatures"].values():
+        assert 0.0 <= result["win_rate"] <= 1.0
+    assert math.isfinite(evaluation["kl"])
+
+
+def test_tldr_runlocal_reports_win_rates_at_each_temperature(tmp_path):
+    manual = tmp_path / "tldr"
+    posts = [dict(id=str(i), subreddit="cats", title=f"My cat number {i}",
+                  post=f"My cat {i} sleeps all day and then runs around at night. Is that normal?")
+             for i in range(40)]
+    summaries = ["cat sleeps by day, runs at night", "a wonderful happy cat", "terrible awful night noise",
+                 "the cat is fine", "sleepy cat"]
+    comparisons = [{"info": post, "summaries": [{"text": summaries[i % 5]}, {"text": summaries[(i + 1) % 5]}],
+                    "choice": i % 2, "split": "train" if i < 32 else "valid1"} for i, post in enumerate(posts)]
+    os.makedirs(manual / "comparisons")
+    os.makedirs(manual / "tldr_3_filtered")
+    with open(manual / "comparisons" / "batch3.json", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(c) + "\n" for c in comparisons)
+    for split, part in (("train", posts[:32]), ("valid", posts[32:])):
+        with open(manual / "tldr_3_filtered" / f"{split}.jsonl", "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(dict(post, summary=summaries[int(post["id"]) % 5])) + "\n" for post in part)
+    texts = [f"SUBREDDIT: r/{p['subreddit']}\nTITLE: {p['title']}\nPOST: {p['post']}\nTL;DR: {s}"
+             for p in posts for s in summaries]
+    tokenizer_dir = _train_tokenizer(texts, str(tmp_path / "tokenizer"))
+    workdir = str(tmp_path / "run")
+    run_python(["-m", "dpo_jax.main", "--config=configs/tldr_gptj.py:runlocal", f"--workdir={workdir}",
+                f"--config.data.manual_dir={manual}", f"--config.data.tokenizer={tokenizer_dir}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}"])
+    summary = _read(os.path.join(workdir, "summary.json"))
+    assert {"sft", "dpo", "evaluation"} <= set(summary)
+    assert summary["dpo"]["steps"] == 4
+    _assert_win_rates(summary, ["0.0", "1.0"])
+
+
+@pytest.mark.skipif(not os.path.isdir(HH_DIR), reason="needs the HH file of ../shared/data/hh-rlhf")
+def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path):
+    import gzip  # pylint: disable=import-outside-toplevel
+    with gzip.open(os.path.join(HH_DIR, "harmless-base", "test.jsonl.gz"), "rt", encoding="utf-8") as f:
+        texts = [json.loads(line)["chosen"] for _, line in zip(range(500), f)]
+    tokenizer_dir = _train_tokenizer(texts, str(tmp_path / "tokenizer"))
+    workdir = str(tmp_path / "run")
+    run_python(["-m", "dpo_jax.main", "--config=configs/hh_pythia28b.py:runlocal", f"--workdir={workdir}",
+                f"--config.data.tokenizer={tokenizer_dir}", f"--config.data.data_dir={tmp_path / 'tfds'}"])
+    summary = _read(os.path.join(workdir, "summary.json"))
+    _assert_win_rates(summary, ["1.0"])
+
+
+@pytest.mark.parametrize("config_file", ["imdb_gpt2_large", "tldr_gptj", "hh_pythia28b", "sentiment_frontier"])
+def test_full_configs_carry_the_papers_hyperparameters(config_file):
+    import importlib  # pylint: disable=import-outside-toplevel
+    config = importlib.import_module(f"configs.{config_file}").get_config()
+    if config_file != "sentiment_frontier":  # trained from scratch at a tiny scale instead
+        assert (config.train.optimizer, config.dpo.learning_rate, config.dpo.warmup_steps,
+                config.train.global_batch_size) == ("rmsprop", 1e-6, 150, 64)
+    expected_beta = {"tldr_gptj": 0.5}.get(config_file, 0.1)
+    assert config.dpo.beta == expected_beta
