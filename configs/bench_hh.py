@@ -8,6 +8,7 @@ GPT-2-architecture decoder (4 layers, width 256, 4 heads), 8 pairs per step, seq
   python -m dpo_jax.bench --config=configs/bench_hh.py --compare=trl            # + TRL's DPOTrainer
   python -m dpo_jax.bench --config=configs/bench_hh.py:layout=padded            # a lever off
   python -m dpo_jax.bench --config=configs/bench_hh.py --config.bench.prefetch=False
+  python -m dpo_jax.bench --config=configs/bench_hh.py --config.bench.attention_block_size=0  # dense attention
   python -m dpo_jax.bench --config=configs/bench_hh.py --ab_config=configs/bench_hh.py:layout=padded  # A/B, one process
   python -m dpo_jax.bench --config=configs/bench_hh.py:runlocal                 # seconds (tests)
   python -m dpo_jax.bench --config=configs/bench_hh.py:synthetic                # no HH data at hand
@@ -45,6 +46,8 @@ def bench_options():
         warmup_steps=3,                   # steps run before timing (after compilation)
         phase_repeats=5,                  # runs of each separately jitted phase (the median is reported)
         compute_dtype="auto",             # model.dtype: auto = float32 on CPU, bfloat16 on TPU/GPU
+        attention_block_size=-1,          # model.attention_block_size: -1 = auto: 128 on CPU (blockwise attention,
+                                          #   masked blocks skipped), 0 on TPU/GPU (jax.nn.dot_product_attention)
         matmul_probe_size=2048,           # CPU peak: a square float matmul of this size, best of 5
         prefetch=True,                    # assemble and place batch i+1 in a thread while step i runs
         donate=True,                      # donate the train state's buffers to the step (updated in place)

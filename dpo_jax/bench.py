@@ -50,6 +50,7 @@ from ml_collections import config_flags
 
 from dpo_jax import configuration, data, losses, models, reference, sharding, steps, train
 from dpo_jax.data import loader, tokenize
+from dpo_jax.models import transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_hh.py", "Config file.", lock_config=False)
 _MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory", "logps"], "What to measure.")
@@ -66,6 +67,9 @@ _TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this s
 
 # Metrics are read this many steps after their step was dispatched, as train.py does.
 METRICS_LAG = 2
+# bench.attention_block_size=-1 on CPU: blocks of 128 (queries x keys) skip most of a packed
+# 1024-slot row of ~250-token sequences while keeping each block's matmuls large enough to be efficient.
+DEFAULT_CPU_ATTENTION_BLOCK = 128
 
 
 @dataclasses.dataclass(frozen=True)
@@ -386,11 +390,17 @@ def _resolve(config, workdir):
         config.model.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
     else:
         config.model.dtype = options.compute_dtype
+    block_size = options.attention_block_size
+    if block_size < 0:  # auto: XLA:CPU has no fused attention kernel to leave the masked blocks to
+        block_size = DEFAULT_CPU_ATTENTION_BLOCK if jax.default_backend() == "cpu" else 0
+    config.model.attention_block_size = block_size
     if not config.data.data_dir and config.data.name != "synthetic":
         config.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
     _ensure_tokenizer(config, workdir)
     checked = config.copy_and_resolve_references()
     del checked["bench"]
+    # Not (yet) a key of configs/common.py's model schema: the benchmark sets it, train.py never does.
+    del checked.model["attention_block_size"]
     configuration.validate(checked)
 
 
@@ -455,16 +465,27 @@ def _median_seconds(fn, repeats):
     return statistics.median(times)
 
 
-def attention_seconds(decoder_config, rows, row_length, repeats):
-    """Seconds of the policy's attention forward+backward in all layers (part of its forward+backward):
-    jax.nn.dot_product_attention on [rows, row_length] with a [rows, 1, T, T] mask, as the model calls it."""
+def attention_seconds(decoder_config, batch, repeats):
+    """Seconds of the policy's attention forward+backward in all layers (part of its forward+backward),
+    on random q, k, v of the batch's rows with the batch's mask, through the model's attention path."""
+    inputs = steps._model_inputs(steps._dpo_rows(batch))  # pylint: disable=protected-access
+    segment_ids = inputs["segment_ids"]
+    rows, row_length = segment_ids.shape
+    if inputs["mask"] is None:
+        index = jnp.arange(row_length)
+        mask = transformer.attention_mask(segment_ids, segment_ids, index, index)
+    else:
+        mask = inputs["mask"][:, None]
     shape = (rows, row_length, decoder_config.num_heads, decoder_config.resolved_head_dim)
     dtype = jnp.dtype(decoder_config.dtype)
     q, k, v = (jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.PRNGKey(0), 3))
-    mask = jnp.broadcast_to(jnp.tril(jnp.ones((row_length, row_length), bool)), (rows, 1, row_length, row_length))
-    attention = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask).astype(jnp.float32).sum()
-    grad_fn = jax.jit(jax.grad(attention, argnums=(0, 1, 2)))
-    return decoder_config.num_layers * _median_seconds(lambda: grad_fn(q, k, v), repeats)
+    block_size = decoder_config.attention_block_size
+    attend = (functools.partial(transformer.blockwise_attention, block_size=block_size) if block_size
+              else lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask))
+    # The mask is an argument, not a closed-over constant that XLA would spend seconds folding.
+    grad_fn = jax.jit(jax.grad(lambda q, k, v, mask: attend(q, k, v, mask).astype(jnp.float32).sum(),
+                               argnums=(0, 1, 2)))
+    return decoder_config.num_layers * _median_seconds(lambda: grad_fn(q, k, v, mask), repeats)
 
 
 def phase_seconds(stage, model, decoder_config, state, batch, repeats):
@@ -478,8 +499,7 @@ def phase_seconds(stage, model, decoder_config, state, batch, repeats):
     # With the reference log-probs in the batch, the loss runs the policy only.
     grad_fn = jax.jit(jax.grad(lambda params: stage.loss_fn(params, None, batch, state.rng)[0]))
     phases["policy_forward_backward"] = _median_seconds(lambda: grad_fn(state.params), repeats)
-    rows, row_length = steps._dpo_rows(batch)["input_ids"].shape  # pylint: disable=protected-access
-    phases["policy_attention"] = attention_seconds(decoder_config, rows, row_length, repeats)
+    phases["policy_attention"] = attention_seconds(decoder_config, batch, repeats)
     grads = grad_fn(state.params)
 
     @jax.jit
@@ -596,7 +616,8 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
         "step_temp_bytes": first.memory_analysis().temp_size_in_bytes,
         "phase_sec": phases,
         "levers": {key: options[key] for key in ("prefetch", "donate", "lagged_metrics", "length_buckets",
-                                                 "compilation_cache_dir")} | {"remat": config.model.remat},
+                                                 "compilation_cache_dir")}
+                  | {key: config.model[key] for key in ("remat", "attention_block_size")},
     }
     print(f"{result['pairs_per_sec']:.2f} pairs/s, {result['tokens_per_sec']:,.0f} real tokens/s "
           f"({result['padded_tokens_per_sec']:,.0f} padded), {result['model_flops_per_step'] / 1e9:.1f} GFLOP/step, "

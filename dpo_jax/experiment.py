@@ -25,7 +25,7 @@ import jax
 import numpy as np
 from absl import logging
 
-from dpo_jax import checkpointing, configuration, data, evaluation, models, scorers, sharding, train
+from dpo_jax import checkpointing, configuration, data, evaluation, scorers, sharding, train
 from dpo_jax.data import reviews, tokenize
 
 EXPERIMENTS = ("controlled_sentiment",)

@@ -1,5 +1,6 @@
 """Shared test setup: the repository root on sys.path (for `configs`), and small helpers."""
 
+import json
 import os
 import subprocess
 import sys
@@ -25,3 +26,14 @@ def run_python(args, *, env=None, check=True, timeout=600):
 def tiny_config():
     from configs import quickstart
     return quickstart.get_config("runlocal")
+
+
+def workdir_records(workdir, drop=("tokens_per_sec",)):
+    """The records of a run's metrics.jsonl, without the `drop` keys (measurements that vary between runs)."""
+    from dpo_jax.metrics import read_jsonl  # pylint: disable=import-outside-toplevel
+    return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def workdir_summary(workdir):
+    with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
+        return json.load(f)

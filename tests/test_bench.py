@@ -8,8 +8,10 @@ import json
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from configs import bench_hh, quickstart
 from conftest import SHARED_DATA, run_python
@@ -81,6 +83,67 @@ def test_attention_flops_count_the_pairs_the_model_attends(layout):
     counted = sum(bench._attended_pairs(arrays[key], arrays.get("branch_ids"))  # pylint: disable=protected-access
                   for key in arrays if key.endswith("segment_ids"))
     assert counted == expected
+
+
+def _layout_rows_and_mask(layout, seed):
+    """Model rows of random pairs in `layout` (row length 70: not a multiple of the block sizes) and
+    the model's mask of them [rows, 1, T, T], as the DPO step builds it."""
+    rng = np.random.default_rng(seed)
+    pairs = [{side: rng.integers(1, 50, int(rng.integers(1, 12))).tolist() for side in ("prompt", "chosen", "rejected")}
+             for _ in range(6)]
+    arrays = layouts.pair_arrays(pairs, layout, max_length=35, row_length=70, max_pairs_per_row=3)
+    rows = steps._dpo_rows(arrays)  # pylint: disable=protected-access
+    inputs = steps._model_inputs(rows)  # pylint: disable=protected-access
+    if inputs["mask"] is not None:
+        return rows, inputs["mask"][:, None]
+    index = np.arange(rows["segment_ids"].shape[1])
+    return rows, transformer.attention_mask(rows["segment_ids"], rows["segment_ids"], index, index)
+
+
+@pytest.mark.parametrize("layout,num_kv_heads,block_size", [(layout, 4, 16) for layout in layouts.LAYOUTS]
+                         + [("packed_prefix_shared", 2, 32)])  # grouped queries, a block of half the row
+def test_blockwise_attention_equals_the_dense_masked_attention(layout, num_kv_heads, block_size):
+    """Outputs and gradients of `blockwise_attention` against jax.nn.dot_product_attention with the
+    full mask, on every layout's rows (padding included), with and without grouped queries."""
+    rows, mask = _layout_rows_and_mask(layout, seed=num_kv_heads)
+    num_rows, length = rows["segment_ids"].shape
+    keys = jax.random.split(jax.random.PRNGKey(block_size), 4)
+    query = jax.random.normal(keys[0], (num_rows, length, 4, 8))
+    key, value = (jax.random.normal(k, (num_rows, length, num_kv_heads, 8)) for k in keys[1:3])
+    weights = jax.random.normal(keys[3], query.shape)  # a random cotangent
+    dense = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, mask=mask)
+    blockwise = lambda q, k, v: transformer.blockwise_attention(q, k, v, mask, block_size)
+    np.testing.assert_allclose(blockwise(query, key, value), dense(query, key, value), atol=1e-5)
+    gradients = [jax.grad(lambda *args, fn=fn: jnp.sum(fn(*args) * weights), argnums=(0, 1, 2))(query, key, value)
+                 for fn in (dense, blockwise)]
+    for dense_grad, blockwise_grad in zip(*gradients):
+        np.testing.assert_allclose(blockwise_grad, dense_grad, atol=1e-5)
+
+
+def test_blockwise_attention_skips_the_blocks_the_mask_hides():
+    """Packed rows of short sequences: most block pairs are hidden, and those are not computed (a
+    hidden block filled with NaN keys and values changes nothing)."""
+    rows, mask = _layout_rows_and_mask("packed", seed=0)
+    visible = transformer._visible_blocks(mask[:, 0], 10)  # pylint: disable=protected-access
+    assert 0 < int(visible.sum()) < visible.size // 2
+    num_rows, length = rows["segment_ids"].shape
+    query, key, value = (jax.random.normal(jax.random.PRNGKey(i), (num_rows, length, 2, 8)) for i in range(3))
+    # Keys of the last block are seen by no query of the first block: NaN there must not leak into it.
+    poisoned = lambda x: x.at[:, -10:].set(jnp.nan)
+    out = transformer.blockwise_attention(query, poisoned(key), poisoned(value), mask, 10)
+    assert not visible[:, 0, -1].any() and np.isfinite(np.asarray(out[:, :10])).all()
+
+
+def test_decoder_logits_do_not_depend_on_the_attention_path():
+    """The benchmark's model with `attention_block_size` gives the dense path's logits (prefix-shared mask)."""
+    rows, mask = _layout_rows_and_mask("packed_prefix_shared", seed=1)
+    config = bench_hh.get_config("runlocal").model
+    dense_model = models.Decoder(models.decoder_config(config), rngs=nnx.Rngs(0))
+    config.attention_block_size = 16
+    blockwise_model = models.Decoder(models.decoder_config(config), rngs=nnx.Rngs(0))
+    inputs = dict(input_ids=rows["input_ids"], positions=rows["positions"], segment_ids=rows["segment_ids"],
+                  mask=mask[:, 0])
+    np.testing.assert_allclose(blockwise_model(**inputs), dense_model(**inputs), atol=1e-5)
 
 
 def test_matmul_flops_per_token_counts_every_weight_matmul():

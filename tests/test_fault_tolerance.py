@@ -5,7 +5,6 @@ One test per promise of the README's Reliability section; the runs are subproces
 """
 
 import copy
-import json
 import os
 import resource
 import shutil
@@ -21,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from configs import quickstart
-from conftest import REPO
+from conftest import REPO, workdir_records, workdir_summary
 from dpo_jax import checkpointing, configuration, fingerprints, sharding, train
 from dpo_jax.metrics import read_jsonl
 
@@ -47,16 +46,6 @@ def _wait_for(condition, process, timeout=300):
         assert process.poll() is None, f"the run ended before the kill point:\n{process.stderr.read()[-3000:]}"
         assert time.monotonic() < deadline, "the kill point was never reached"
         time.sleep(0.002)
-
-
-def _records(workdir):
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"}
-            for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _summary(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
 
 
 def _writing(workdir, stage):
@@ -95,8 +84,8 @@ def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(uninterrup
     code, _, err = _finish(workdir)
     assert code == 0, err[-3000:]
     for stage in ("sft", "dpo"):
-        assert _summary(workdir)[stage]["params_fingerprint"] == _summary(uninterrupted)[stage]["params_fingerprint"]
-    assert _records(workdir) == _records(uninterrupted)
+        assert workdir_summary(workdir)[stage]["params_fingerprint"] == workdir_summary(uninterrupted)[stage]["params_fingerprint"]
+    assert workdir_records(workdir) == workdir_records(uninterrupted)
 
 
 def test_sigterm_saves_the_current_step_and_exits_with_the_preemption_code(uninterrupted, tmp_path):
@@ -113,7 +102,7 @@ def test_sigterm_saves_the_current_step_and_exits_with_the_preemption_code(unint
     assert not any("tmp" in name for name in os.listdir(directory)), "the checkpoint was complete before exit"
     code, _, err = _finish(workdir)
     assert code == 0, err[-3000:]
-    assert _summary(workdir)["dpo"]["params_fingerprint"] == _summary(uninterrupted)["dpo"]["params_fingerprint"]
+    assert workdir_summary(workdir)["dpo"]["params_fingerprint"] == workdir_summary(uninterrupted)["dpo"]["params_fingerprint"]
 
 
 def _abstract_params(config):
@@ -203,8 +192,8 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one_exactly(unint
     code, _, err = _finish(workdir)
     assert code == 0, err[-3000:]
     assert "does not restore" in err
-    assert _summary(workdir)["dpo"]["params_fingerprint"] == _summary(uninterrupted)["dpo"]["params_fingerprint"]
-    assert _records(workdir) == _records(uninterrupted)
+    assert workdir_summary(workdir)["dpo"]["params_fingerprint"] == workdir_summary(uninterrupted)["dpo"]["params_fingerprint"]
+    assert workdir_records(workdir) == workdir_records(uninterrupted)
 
 
 def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):

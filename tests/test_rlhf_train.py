@@ -1,14 +1,12 @@
 """The RLHF stages (reward model, PPO) and Unlikelihood in the training loop, through `python -m dpo_jax.main`:
 the workdir contract, exact resume, meshes, sample evaluation and bad config."""
 
-import json
 import math
 import os
 
 import pytest
 
-from conftest import run_python
-from dpo_jax.metrics import read_jsonl
+from conftest import run_python, workdir_records, workdir_summary
 
 pytestmark = pytest.mark.slow
 STAGES = "--config.stages=('sft','reward','ppo','unlikelihood')"
@@ -21,16 +19,6 @@ PPO_METRICS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "obj
                "kl_coef", "response_length", "loss", "grad_norm", "learning_rate")
 
 
-def _records(workdir):
-    return [{k: v for k, v in r.items() if k != "tokens_per_sec"}
-            for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _summary(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
-
-
 @pytest.fixture(scope="module")
 def rlhf_run(tmp_path_factory):
     workdir = str(tmp_path_factory.mktemp("rlhf"))
@@ -39,10 +27,10 @@ def rlhf_run(tmp_path_factory):
 
 
 def test_reward_ppo_and_unlikelihood_stages_write_the_workdir_contract(rlhf_run):
-    summary = _summary(rlhf_run)
+    summary = workdir_summary(rlhf_run)
     assert set(summary) == {"sft", "reward", "ppo", "unlikelihood"}
     assert sorted(os.listdir(os.path.join(rlhf_run, "checkpoints"))) == ["ppo", "reward", "sft", "unlikelihood"]
-    records = _records(rlhf_run)
+    records = workdir_records(rlhf_run)
     reward_eval = [r for r in records if r["stage"] == "reward" and r["split"] == "eval"][-1]
     assert {"loss", "rewards/accuracies", "rewards/margins"} <= set(reward_eval)
     ppo_train = [r for r in records if r["stage"] == "ppo" and r["split"] == "train"]
@@ -65,16 +53,16 @@ def test_a_halted_run_resumes_to_the_same_parameters_and_metrics(rlhf_run, tmp_p
     assert halted.returncode == 3, halted.stderr[-2000:]
     run_python(RLHF + [f"--workdir={workdir}"])
     for stage in ("sft", "reward", "ppo", "unlikelihood"):
-        assert _summary(workdir)[stage]["params_fingerprint"] == _summary(rlhf_run)[stage]["params_fingerprint"], stage
-    assert _records(workdir) == _records(rlhf_run)
+        assert workdir_summary(workdir)[stage]["params_fingerprint"] == workdir_summary(rlhf_run)[stage]["params_fingerprint"], stage
+    assert workdir_records(workdir) == workdir_records(rlhf_run)
 
 
 def test_ppo_on_an_eight_device_mesh_matches_one_device(rlhf_run, tmp_path):
     workdir = str(tmp_path / "mesh")
     run_python(RLHF + [f"--workdir={workdir}", "--config.mesh.data=2", "--config.mesh.fsdp=2",
                        "--config.mesh.tensor=2"], env=EIGHT_DEVICES)
-    sharded = [r for r in _records(workdir) if r["stage"] in ("reward", "ppo")]
-    single = [r for r in _records(rlhf_run) if r["stage"] in ("reward", "ppo")]
+    sharded = [r for r in workdir_records(workdir) if r["stage"] in ("reward", "ppo")]
+    single = [r for r in workdir_records(rlhf_run) if r["stage"] in ("reward", "ppo")]
     assert [(r["stage"], r["split"], r["step"]) for r in sharded] == [(r["stage"], r["split"], r["step"]) for r in single]
     # The rollouts sample tokens, so identical draws need logits equal to rounding: compare the first PPO
     # step (its rollout comes from the same SFT model) and the reward model's whole stage.

@@ -5,20 +5,10 @@ import os
 
 import pytest
 
-from conftest import run_python
-from dpo_jax.metrics import read_jsonl
+from conftest import run_python, workdir_records, workdir_summary
 
 RUNLOCAL = ["-m", "dpo_jax.main", "--config=configs/quickstart.py:runlocal"]
 EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-
-
-def _records(workdir, drop=("tokens_per_sec",)):
-    return [{k: v for k, v in r.items() if k not in drop} for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))]
-
-
-def _summary(workdir):
-    with open(os.path.join(workdir, "summary.json")) as f:
-        return json.load(f)
 
 
 @pytest.fixture(scope="module")
@@ -37,7 +27,7 @@ def test_workdir_contract(finished_run):
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["dpo"]["beta"] == 0.1
 
-    records = _records(workdir, drop=())
+    records = workdir_records(workdir, drop=())
     for record in records:
         assert record["stage"] in ("sft", "dpo") and record["split"] in ("train", "eval")
         assert isinstance(record["step"], int)
@@ -51,7 +41,7 @@ def test_workdir_contract(finished_run):
     sft_train = [r for r in records if r["stage"] == "sft" and r["split"] == "train"]
     assert {"loss", "nll", "tokens_per_sec"} <= set(sft_train[-1])
 
-    summary = _summary(workdir)
+    summary = workdir_summary(workdir)
     for stage in ("sft", "dpo"):
         assert summary[stage]["steps"] == 6
         assert len(summary[stage]["params_fingerprint"]) == 64
@@ -64,9 +54,9 @@ def test_workdir_contract(finished_run):
 
 def test_rerunning_a_finished_run_changes_nothing(finished_run, tmp_path):
     workdir, _ = finished_run
-    before = (_summary(workdir), _records(workdir, drop=()))
+    before = (workdir_summary(workdir), workdir_records(workdir, drop=()))
     run_python(RUNLOCAL + [f"--workdir={workdir}"])
-    assert (_summary(workdir), _records(workdir, drop=())) == before
+    assert (workdir_summary(workdir), workdir_records(workdir, drop=())) == before
 
 
 @pytest.mark.parametrize("halt_after_steps", [4, 8])  # inside SFT; inside DPO
@@ -75,11 +65,11 @@ def test_halted_run_resumes_to_the_same_parameters_and_metrics(finished_run, tmp
     workdir = str(tmp_path / "halted")
     halted = run_python(RUNLOCAL + [f"--workdir={workdir}", f"--halt_after_steps={halt_after_steps}"], check=False)
     assert halted.returncode == 3, halted.stderr[-2000:]
-    assert not os.path.exists(os.path.join(workdir, "summary.json")) or "dpo" not in _summary(workdir)
+    assert not os.path.exists(os.path.join(workdir, "summary.json")) or "dpo" not in workdir_summary(workdir)
     run_python(RUNLOCAL + [f"--workdir={workdir}"])
     for stage in ("sft", "dpo"):
-        assert _summary(workdir)[stage]["params_fingerprint"] == _summary(reference_workdir)[stage]["params_fingerprint"]
-    assert _records(workdir) == _records(reference_workdir)
+        assert workdir_summary(workdir)[stage]["params_fingerprint"] == workdir_summary(reference_workdir)[stage]["params_fingerprint"]
+    assert workdir_records(workdir) == workdir_records(reference_workdir)
 
 
 def test_same_losses_on_one_device_and_on_an_eight_device_mesh(finished_run, tmp_path):
@@ -87,7 +77,7 @@ def test_same_losses_on_one_device_and_on_an_eight_device_mesh(finished_run, tmp
     for mesh in (["--config.mesh.data=-1"], ["--config.mesh.data=2", "--config.mesh.fsdp=2", "--config.mesh.tensor=2"]):
         workdir = str(tmp_path / "_".join(mesh).replace("-", "").replace(".", "_").replace("=", ""))
         run_python(RUNLOCAL + [f"--workdir={workdir}"] + mesh, env=EIGHT_DEVICES)
-        sharded, single = _records(workdir), _records(reference_workdir)
+        sharded, single = workdir_records(workdir), workdir_records(reference_workdir)
         assert [(r["stage"], r["split"], r["step"]) for r in sharded] == [(r["stage"], r["split"], r["step"]) for r in single]
         for a, b in zip(sharded, single):
             # rewards/accuracies is a step function of reward differences that are ~1e-5 this early
@@ -115,10 +105,10 @@ def test_bad_config_is_refused_before_anything_runs(tmp_path, flags, env, messag
 
 def test_a_workdir_refuses_a_different_runs_config(finished_run):
     workdir, _ = finished_run
-    before = _summary(workdir)
+    before = workdir_summary(workdir)
     result = run_python(RUNLOCAL + [f"--workdir={workdir}", "--config.dpo.beta=0.3"], check=False)
     assert result.returncode != 0
     assert "dpo.beta: 0.1 -> 0.3" in result.stderr
-    assert _summary(workdir) == before
+    assert workdir_summary(workdir) == before
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["dpo"]["beta"] == 0.1

@@ -13,7 +13,6 @@ generates the review corpus of the controlled-sentiment experiment.
 """
 
 import dataclasses
-import os
 from typing import Dict, List, Optional, Tuple
 
 import jax

@@ -13,13 +13,16 @@ Every parameter carries logical axis names (`vocab`, `embed`, `heads`, `kv_heads
 `dpo_jax.sharding` maps to mesh axes, so parallelism is configuration. Attention goes through
 `jax.nn.dot_product_attention` with an explicit boolean mask (built from segment ids and
 positions, or given by the caller), so padded, packed and prefix-shared layouts share one code path
-and GPU/TPU backends can choose a fused kernel.
+and GPU/TPU backends can choose a fused kernel. On CPU, where XLA has no such kernel and computes
+every (query, key) pair of a packed row, `attention_block_size > 0` switches the training forward
+to `blockwise_attention`, the same masked attention computed only on blocks the mask leaves visible.
 
 Projections may carry LoRA adapters (`lora_rank > 0`); `nnx.view(model, use_lora=False)` switches
 them off, which gives the reference model of LoRA-DPO from the same parameters.
 """
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -38,7 +41,8 @@ ACTIVATIONS = {
 LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 # Fields that say how to run or where to start, not what the network computes.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "init_from_hf", "lora_rank", "lora_alpha", "lora_targets")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_block_size", "init_from_hf", "lora_rank", "lora_alpha",
+                  "lora_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,6 +86,7 @@ class DecoderConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     remat: bool = False
+    attention_block_size: int = 0  # 0: jax.nn.dot_product_attention; > 0: `blockwise_attention` in blocks of this
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # lists come from JSON configs
@@ -259,6 +264,169 @@ def _within_window(query_positions, key_positions, sliding_window):
     return (query_positions[:, :, None] - key_positions[:, None, :] < sliding_window)[:, None]
 
 
+# ---------------------------------------------------------------------------------------------
+# Blockwise attention: the masked softmax attention, skipping blocks the mask hides
+# ---------------------------------------------------------------------------------------------
+# A packed row of 1024 slots holding four ~250-token sequences attends to about a tenth of its
+# 1024 x 1024 (query, key) pairs, but a dense masked attention computes, stores and differentiates
+# all of them. Here queries and keys are cut into blocks; a block pair is computed only when the
+# mask shows one of its pairs (`lax.cond` inside scans, so skipping is decided at run time from the
+# data and shapes stay static), with the online softmax of flash attention and its backward pass
+# recomputing probabilities from the saved log-sum-exp, so no [time, time] float array is kept.
+
+def _masked_logits(query_block, key_block, mask_block, scale):
+    """[kv_heads, groups, block, block] float32 scaled logits, hidden pairs at jax.nn's large negative."""
+    logits = jnp.einsum("qkgd,skd->kgqs", query_block, key_block, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask_block, logits, -0.7 * jnp.finfo(jnp.float32).max)
+
+
+def _block(array, index, block_size, axis=0):
+    """Block `index` of `array` along `axis`."""
+    return jax.lax.dynamic_slice_in_dim(array, index * block_size, block_size, axis=axis)
+
+
+def _visible_blocks(mask, block_size):
+    """[batch, query blocks, key blocks] bool: the block pair holds at least one visible pair."""
+    batch, query_length, key_length = mask.shape
+    return mask.reshape(batch, query_length // block_size, block_size, key_length // block_size,
+                        block_size).any(axis=(2, 4))
+
+
+def _blockwise_forward(query, key, value, mask, block_size):
+    """(output [batch, T, kv_heads, groups, dim], log-sum-exp [batch, T/block, kv_heads, groups, block])
+    of grouped queries [batch, T, kv_heads, groups, dim], keys and values [batch, S, kv_heads, dim]
+    and mask [batch, T, S], T and S multiples of `block_size`."""
+    batch, query_length, num_kv_heads, groups, head_dim = query.shape
+    num_key_blocks = key.shape[1] // block_size
+    scale = 1.0 / math.sqrt(head_dim)
+    visible = _visible_blocks(mask, block_size)
+
+    def row(_, row_inputs):
+        q_row, k_row, v_row, mask_row, visible_row = row_inputs
+
+        def query_block(_, i):
+            q_block = _block(q_row, i, block_size)
+            mask_rows = _block(mask_row, i, block_size)
+
+            def key_block(carry, j):
+                def attend(carry):
+                    running_max, normaliser, accumulated = carry
+                    logits = _masked_logits(q_block, _block(k_row, j, block_size),
+                                            _block(mask_rows, j, block_size, axis=1), scale)
+                    new_max = jnp.maximum(running_max, logits.max(-1))
+                    correction = jnp.exp(running_max - new_max)
+                    probs = jnp.exp(logits - new_max[..., None])
+                    accumulated = accumulated * correction[..., None] + jnp.einsum(
+                        "kgqs,skd->kgqd", probs.astype(v_row.dtype), _block(v_row, j, block_size),
+                        preferred_element_type=jnp.float32)
+                    return new_max, normaliser * correction + probs.sum(-1), accumulated
+
+                return jax.lax.cond(visible_row[i, j], attend, lambda carry: carry, carry), None
+
+            stats_shape = (num_kv_heads, groups, block_size)
+            init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+                    jnp.zeros(stats_shape + (head_dim,), jnp.float32))
+            (running_max, normaliser, accumulated), _ = jax.lax.scan(key_block, init, jnp.arange(num_key_blocks))
+            # A query that sees no key (only the padding appended by `blockwise_attention`) outputs 0.
+            normaliser = jnp.where(normaliser > 0, normaliser, 1.0)
+            out = jnp.transpose(accumulated / normaliser[..., None], (2, 0, 1, 3))
+            return None, (out, running_max + jnp.log(normaliser))
+
+        _, (out, log_sum_exp) = jax.lax.scan(query_block, None, jnp.arange(query_length // block_size))
+        return None, (out.reshape(query_length, num_kv_heads, groups, head_dim), log_sum_exp)
+
+    _, (out, log_sum_exp) = jax.lax.scan(row, None, (query, key, value, mask, visible))
+    return out.astype(query.dtype), log_sum_exp
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _blockwise_grouped(query, key, value, mask, block_size):
+    return _blockwise_forward(query, key, value, mask, block_size)[0]
+
+
+def _blockwise_grouped_fwd(query, key, value, mask, block_size):
+    out, log_sum_exp = _blockwise_forward(query, key, value, mask, block_size)
+    return out, (query, key, value, mask, out, log_sum_exp)
+
+
+def _blockwise_grouped_bwd(block_size, residuals, out_grad):
+    """Flash attention's backward: per visible block pair, probabilities recomputed from the
+    log-sum-exp; dq accumulated per query block, dk and dv over the row."""
+    query, key, value, mask, out, log_sum_exp = residuals
+    head_dim = query.shape[-1]
+    scale = 1.0 / math.sqrt(head_dim)
+    visible = _visible_blocks(mask, block_size)
+    # d softmax: rowsum(dO * O), per query.
+    out_dot_grad = jnp.sum(out_grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+
+    def row(_, row_inputs):
+        q_row, k_row, v_row, mask_row, visible_row, lse_row, grad_row, dot_row = row_inputs
+
+        def query_block(key_grads, i):
+            q_block = _block(q_row, i, block_size)
+            grad_block = _block(grad_row, i, block_size)  # [block, kv_heads, groups, dim]
+            dot_block = jnp.transpose(_block(dot_row, i, block_size), (1, 2, 0))  # [kv_heads, groups, block]
+            mask_rows = _block(mask_row, i, block_size)
+
+            def key_block(carry, j):
+                def attend(carry):
+                    q_grad, k_grads, v_grads = carry
+                    k_block, v_block = _block(k_row, j, block_size), _block(v_row, j, block_size)
+                    logits = _masked_logits(q_block, k_block, _block(mask_rows, j, block_size, axis=1), scale)
+                    probs = jnp.exp(logits - lse_row[i][..., None])
+                    v_grad = jnp.einsum("kgqs,qkgd->skd", probs.astype(grad_block.dtype), grad_block,
+                                        preferred_element_type=jnp.float32)
+                    probs_grad = jnp.einsum("qkgd,skd->kgqs", grad_block, v_block, preferred_element_type=jnp.float32)
+                    logits_grad = probs * (probs_grad - dot_block[..., None]) * scale
+                    q_grad = q_grad + jnp.einsum("kgqs,skd->qkgd", logits_grad, k_block,
+                                                 preferred_element_type=jnp.float32)
+                    k_grad = jnp.einsum("kgqs,qkgd->skd", logits_grad, q_block, preferred_element_type=jnp.float32)
+                    start = j * block_size
+                    k_grads = jax.lax.dynamic_update_slice_in_dim(
+                        k_grads, _block(k_grads, j, block_size) + k_grad, start, axis=0)
+                    v_grads = jax.lax.dynamic_update_slice_in_dim(
+                        v_grads, _block(v_grads, j, block_size) + v_grad, start, axis=0)
+                    return q_grad, k_grads, v_grads
+
+                return jax.lax.cond(visible_row[i, j], attend, lambda carry: carry, carry), None
+
+            init = (jnp.zeros(q_block.shape, jnp.float32), *key_grads)
+            (q_grad, *key_grads), _ = jax.lax.scan(key_block, init, jnp.arange(k_row.shape[0] // block_size))
+            return tuple(key_grads), q_grad
+
+        zeros = jnp.zeros(k_row.shape, jnp.float32)
+        (k_grads, v_grads), q_grads = jax.lax.scan(query_block, (zeros, zeros),
+                                                   jnp.arange(q_row.shape[0] // block_size))
+        return None, (q_grads.reshape(q_row.shape), k_grads, v_grads)
+
+    _, (q_grad, k_grad, v_grad) = jax.lax.scan(
+        row, None, (query, key, value, mask, visible, log_sum_exp, out_grad, out_dot_grad))
+    return q_grad.astype(query.dtype), k_grad.astype(key.dtype), v_grad.astype(value.dtype), None
+
+
+_blockwise_grouped.defvjp(_blockwise_grouped_fwd, _blockwise_grouped_bwd)
+
+
+def blockwise_attention(query, key, value, mask, block_size):
+    """`jax.nn.dot_product_attention(query, key, value, mask=mask)` computed only on the
+    (block_size x block_size) blocks of (query, key) pairs where `mask` shows at least one pair.
+
+    query [batch, T, heads, dim], key and value [batch, S, kv_heads, dim], mask [batch, 1, T, S]
+    bool (shared by the heads). Equal to the dense attention for every query that sees at least one
+    key (the model's masks give each token itself); T and S are padded to the block size inside.
+    """
+    batch, query_length, num_heads, head_dim = query.shape
+    key_length, num_kv_heads = key.shape[1], key.shape[2]
+    pad = lambda length: -length % block_size
+    grouped = query.reshape(batch, query_length, num_kv_heads, num_heads // num_kv_heads, head_dim)
+    grouped = jnp.pad(grouped, ((0, 0), (0, pad(query_length)), (0, 0), (0, 0), (0, 0)))
+    key, value = (jnp.pad(x, ((0, 0), (0, pad(key_length)), (0, 0), (0, 0))) for x in (key, value))
+    mask = jnp.pad(jnp.broadcast_to(mask, (batch, 1, query_length, key_length))[:, 0],
+                   ((0, 0), (0, pad(query_length)), (0, pad(key_length))))
+    out = _blockwise_grouped(grouped, key, value, mask, block_size)
+    return out[:, :query_length].reshape(batch, query_length, num_heads, head_dim)
+
+
 class Attention(nnx.Module):
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
@@ -294,7 +462,10 @@ class Attention(nnx.Module):
             v = jax.lax.dynamic_update_slice_in_dim(cache["value"], v.astype(cache["value"].dtype), cache_index,
                                                     axis=1)
             cache = {"key": k, "value": v}
-        out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
+        if config.attention_block_size and cache is None:  # decoding steps are short: dense is cheaper
+            out = blockwise_attention(q, k, v, mask, config.attention_block_size)
+        else:
+            out = jax.nn.dot_product_attention(q, k.astype(q.dtype), v.astype(q.dtype), mask=mask)
         return self.out(out.reshape(batch, length, config.num_heads * head_dim)), cache
 
 
