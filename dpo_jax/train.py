@@ -168,7 +168,7 @@ def run(config, workdir, *, halt_after_steps=None):
                 results["policy"] = final["policy"] if stage == "ppo" else final
             _write_json(os.path.join(workdir, "summary.json"), summary)
         if (config.evaluation.scorer or config.evaluation.judge) and "evaluation" not in summary:
-            summary["evaluation"] = _evaluate_samples(config, task, model, results, last_policy_stage)
+            summary["evaluation"] = _evaluate_samples(config, workdir, task, model, results, last_policy_stage)
             _write_json(os.path.join(workdir, "summary.json"), summary)
     finally:
         writer.close()
@@ -475,7 +475,7 @@ def _run_stage(plan, config, workdir, mesh, task, model, results, done, writer, 
     }
 
 
-def _evaluate_samples(config, task, model, results, last_policy_stage):
+def _evaluate_samples(config, workdir, task, model, results, last_policy_stage):
     """Samples from the final policy on held-out prompts, scored by `config.evaluation.scorer` and judged
     against the reference responses by `config.evaluation.judge`, with the sequence KL to the last policy
     stage's starting point (e.g. the SFT model for DPO or PPO)."""
@@ -499,6 +499,11 @@ def _evaluate_samples(config, task, model, results, last_policy_stage):
         judge=judge, reference_responses=[tokenizer.decode(ids[:length].tolist()) for ids, length in
                                           zip(prompts["reference_ids"], prompts["reference_lengths"])])
     logging.info("sample evaluation: %s", result)
+    if jax.process_index() == 0:  # results.json / results.md, and with a judge win_rates.png
+        rows = evaluation.evaluation_rows(plan.name, result)
+        evaluation.write_results(rows, workdir)
+        if judge is not None:
+            evaluation.plot_win_rates(rows, os.path.join(workdir, "win_rates.png"))
     return result
 
 

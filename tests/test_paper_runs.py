@@ -81,12 +81,16 @@ def _train_tokenizer(texts, directory):
     return tokenize.train_byte_level_bpe(texts, directory, vocab_size=512)
 
 
-def _assert_win_rates(summary, temperatures):
-    evaluation = summary["evaluation"]
+def _assert_win_rates(workdir, temperatures):
+    evaluation = _read(os.path.join(workdir, "summary.json"))["evaluation"]
     assert sorted(evaluation["temperatures"]) == sorted(temperatures)
     for result in evaluation["temperatures"].values():
         assert 0.0 <= result["win_rate"] <= 1.0
     assert math.isfinite(evaluation["kl"])
+    rows = _read(os.path.join(workdir, "results.json"))  # one row per temperature
+    assert [row["win_rate"] for row in rows] == [evaluation["temperatures"][t]["win_rate"] for t in temperatures]
+    with open(os.path.join(workdir, "win_rates.png"), "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
 def test_tldr_runlocal_reports_win_rates_at_each_temperature(tmp_path):
@@ -115,7 +119,7 @@ def test_tldr_runlocal_reports_win_rates_at_each_temperature(tmp_path):
     summary = _read(os.path.join(workdir, "summary.json"))
     assert {"sft", "dpo", "evaluation"} <= set(summary)
     assert summary["dpo"]["steps"] == 4
-    _assert_win_rates(summary, ["0.0", "1.0"])
+    _assert_win_rates(workdir, ["0.0", "1.0"])
 
 
 @pytest.mark.skipif(not os.path.isdir(HH_DIR), reason="needs the HH file of ../shared/data/hh-rlhf")
@@ -127,8 +131,7 @@ def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path):
     workdir = str(tmp_path / "run")
     run_python(["-m", "dpo_jax.main", "--config=configs/hh_pythia28b.py:runlocal", f"--workdir={workdir}",
                 f"--config.data.tokenizer={tokenizer_dir}", f"--config.data.data_dir={tmp_path / 'tfds'}"])
-    summary = _read(os.path.join(workdir, "summary.json"))
-    _assert_win_rates(summary, ["1.0"])
+    _assert_win_rates(workdir, ["1.0"])
 
 
 @pytest.mark.parametrize("config_file", ["imdb_gpt2_large", "tldr_gptj", "hh_pythia28b", "sentiment_frontier"])
