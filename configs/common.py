@@ -119,6 +119,8 @@ def model_config(preset="tiny", **overrides):
         dtype="float32",                  # compute dtype (bfloat16 on TPU/GPU)
         param_dtype="float32",            # parameter storage dtype
         remat=False,                      # rematerialise each block in the backward pass
+        attention_block_size=0,           # 0: jax.nn.dot_product_attention (fused on TPU/GPU); > 0: blockwise
+                                          #   attention skipping fully masked blocks of this size (packed rows on CPU)
         init_from_hf="",                  # local Hugging Face model dir to start from ("" = random init); its
                                           #   config.json then decides the architecture fields above
         lora=ml_collections.ConfigDict(dict(

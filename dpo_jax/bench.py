@@ -399,8 +399,6 @@ def _resolve(config, workdir):
     _ensure_tokenizer(config, workdir)
     checked = config.copy_and_resolve_references()
     del checked["bench"]
-    # Not (yet) a key of configs/common.py's model schema: the benchmark sets it, train.py never does.
-    del checked.model["attention_block_size"]
     configuration.validate(checked)
 
 

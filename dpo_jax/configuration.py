@@ -182,6 +182,7 @@ def _validate_rlhf(config):
 
 def _validate_model(config):
     model = config.model
+    _check(model.attention_block_size >= 0, "model.attention_block_size", "must be >= 0 (0: dense attention)")
     if model.init_from_hf:
         # The architecture is the checkpoint's: its config.json must read (a clear error if not),
         # and the length check is against its positions.

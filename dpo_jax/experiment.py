@@ -24,6 +24,7 @@ import os
 import jax
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
 from dpo_jax import checkpointing, configuration, data, evaluation, scorers, sharding, train
 from dpo_jax.data import reviews, tokenize
@@ -78,9 +79,12 @@ def _controlled_sentiment(config, workdir):
     data_overrides = {}
     if experiment.generate_corpus:
         corpus_dir = os.path.join(workdir, "corpus")
-        reviews.write_corpus(corpus_dir, num_pretrain=experiment.corpus_reviews,
-                             num_sft_train=experiment.corpus_reviews // 5, num_sft_eval=config.evaluation.num_prompts,
-                             seed=config.seed, vocab_size=config.model.vocab_size)
+        if jax.process_index() == 0:
+            reviews.write_corpus(corpus_dir, num_pretrain=experiment.corpus_reviews,
+                                 num_sft_train=experiment.corpus_reviews // 5,
+                                 num_sft_eval=config.evaluation.num_prompts, seed=config.seed,
+                                 vocab_size=config.model.vocab_size)
+        _sync("corpus written")
         data_overrides = {
             "data.name": "preference_files", "data.tokenizer": os.path.join(corpus_dir, "tokenizer"),
             "data.data_dir": os.path.join(workdir, "tensorflow_datasets"),
@@ -154,6 +158,12 @@ def _controlled_sentiment(config, workdir):
     return rows
 
 
+def _sync(name):
+    """Waits until every process got here (files process 0 writes are then there for all)."""
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"dpo_jax.experiment: {name}")
+
+
 def _row(method, setting, result):
     """A results row of an `evaluation.evaluate_policy` result: the score at temperature 1 and the KL."""
     at_one = result["temperatures"]["1.0"] if "temperatures" in result else result
@@ -189,11 +199,13 @@ def _write_pairs(path, graphdef, params, prompts, tokenizer, scorer, config, see
     if not records:
         raise ValueError(f"No preference pairs: every sampled completion of {len(prompt_texts)} prompts scored the "
                          "same (is the SFT model trained, and does the scorer separate its completions?)")
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        for record in records:
-            f.write(json.dumps(record) + "\n")
-    os.replace(path + ".tmp", path)
+    if jax.process_index() == 0:  # every process sampled the same pairs; one writes them
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path + ".tmp", "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+        os.replace(path + ".tmp", path)
+    _sync(f"{path} written")
     logging.info("experiment: %d pairs from %d prompts in %s", len(records), len(prompt_texts), path)
     return path
 
@@ -232,6 +244,7 @@ def _sft_and_best_of_n(config, workdir, model, sft_params, prompts, tokenizer, m
         with open(path + ".tmp", "w", encoding="utf-8") as f:
             json.dump(rows, f, indent=2)
         os.replace(path + ".tmp", path)
+    _sync("baselines written")
     return rows
 
 

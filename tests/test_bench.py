@@ -15,7 +15,7 @@ from flax import nnx
 
 from configs import bench_hh, quickstart
 from conftest import SHARED_DATA, run_python
-from dpo_jax import bench, models, sharding, steps, train
+from dpo_jax import bench, models, steps
 from dpo_jax.data import layouts
 from dpo_jax.models import transformer
 
