@@ -39,8 +39,6 @@ def get_config(arg=None):
 
     if arg.runlocal:
         config = paper.make_runlocal(config, max_length=64, max_prompt_length=48)
-        config.model.vocab_size = 512
-        config.mesh.fsdp, config.mesh.data = 1, -1
         config.data.name = "hh_rlhf/harmless-base"
         config.data.manual_dir = _SHARED_HH if os.path.isdir(_SHARED_HH) else ""
         config.data.train_split = config.data.eval_split = "test"  # the split on disk

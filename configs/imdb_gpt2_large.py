@@ -39,7 +39,6 @@ def get_config(arg=None):
 
     if arg.runlocal:  # the same pipeline on the generated reviews, tiny, scored by VADER
         config = paper.make_runlocal(config, max_length=40, max_prompt_length=16)
-        config.model.vocab_size = 512
         config.data.name = "synthetic"  # replaced by the generated corpus's files
         config.evaluation.scorer = "vader"
         config.evaluation.num_prompts = 16

@@ -26,11 +26,12 @@ def paper_config(preset, *, stages):
 
 
 def make_runlocal(config, *, max_length=48, max_prompt_length=16):
-    """A tiny model and a few steps of every stage: the whole pipeline in seconds to minutes on CPU."""
-    config.model = common.model_config("tiny", vocab_size=config.model.vocab_size, num_layers=1, embed_dim=32,
-                                       num_heads=2, num_kv_heads=2, mlp_dim=64, max_position_embeddings=64,
+    """A tiny model (a 512-token vocabulary) and a few steps of every stage on one data-parallel mesh:
+    the whole pipeline in seconds to minutes on CPU."""
+    config.model = common.model_config("tiny", vocab_size=512, num_layers=1, embed_dim=32, num_heads=2,
+                                       num_kv_heads=2, mlp_dim=64, max_position_embeddings=64,
                                        hf_model_type=config.model.hf_model_type)
-    config.model.init_from_hf = ""
+    config.mesh.data, config.mesh.fsdp = -1, 1
     config.data.max_length, config.data.max_prompt_length = max_length, max_prompt_length
     config.train.global_batch_size = 8
     config.train.optimizer = "adamw"

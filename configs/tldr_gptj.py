@@ -38,7 +38,5 @@ def get_config(arg=None):
 
     if arg.runlocal:
         config = paper.make_runlocal(config, max_length=64, max_prompt_length=48)
-        config.model.vocab_size = 512
-        config.mesh.fsdp, config.mesh.data = 1, -1
         config.evaluation.update(judge="scorer:vader", temperatures="0,1.0")
     return config

@@ -282,7 +282,10 @@ def test_first_update_sees_ratios_of_exactly_one_and_the_kl_controller_adapts():
     metrics = jax.device_get(metrics)
     assert metrics["objective/scores"] == constant_reward
     assert metrics["policy/approxkl_avg"] == 0.0 and metrics["policy/clipfrac_avg"] == 0.0
-    assert 1.0 <= metrics["response_length"] <= ppo_config.max_new_tokens
+    # The mean of whole token counts over the batch, each between 1 (an immediate EOS) and max_new_tokens.
+    total_tokens = metrics["response_length"] * NUM_PROMPTS
+    assert total_tokens == pytest.approx(round(total_tokens), abs=1e-3)
+    assert NUM_PROMPTS <= round(total_tokens) <= NUM_PROMPTS * ppo_config.max_new_tokens
     # KL 0 is below the target: the coefficient falls by the clipped error, 20% of n / horizon.
     np.testing.assert_allclose(state.stage_state["kl_coef"], 0.2 * (1 - 0.2 * NUM_PROMPTS / 100), rtol=1e-6)
     assert metrics["kl_coef"] == np.float32(0.2)
