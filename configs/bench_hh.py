@@ -9,6 +9,7 @@ GPT-2-architecture decoder (4 layers, width 256, 4 heads), 8 pairs per step, seq
   python -m dpo_jax.bench --config=configs/bench_hh.py:layout=padded            # a lever off
   python -m dpo_jax.bench --config=configs/bench_hh.py --config.bench.prefetch=False
   python -m dpo_jax.bench --config=configs/bench_hh.py --config.bench.attention_block_size=0  # dense attention
+  python -m dpo_jax.bench --config=configs/bench_hh.py --config.model.logits_chunk_size=0     # full logits
   python -m dpo_jax.bench --config=configs/bench_hh.py --ab_config=configs/bench_hh.py:layout=padded  # A/B, one process
   python -m dpo_jax.bench --config=configs/bench_hh.py:runlocal                 # seconds (tests)
   python -m dpo_jax.bench --config=configs/bench_hh.py:synthetic                # no HH data at hand

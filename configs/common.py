@@ -121,6 +121,8 @@ def model_config(preset="tiny", **overrides):
         remat=False,                      # rematerialise each block in the backward pass
         attention_block_size=0,           # 0: jax.nn.dot_product_attention (fused on TPU/GPU); > 0: blockwise
                                           #   attention skipping fully masked blocks of this size (packed rows on CPU)
+        logits_chunk_size=128,            # training log-probs from logits of the scored (response) tokens only, this
+                                          #   many per row at a time (memory bounded in the vocabulary); 0: full logits
         init_from_hf="",                  # local Hugging Face model dir to start from ("" = random init); its
                                           #   config.json then decides the architecture fields above
         lora=ml_collections.ConfigDict(dict(

@@ -15,8 +15,9 @@ Modes:
   state_memory  Train-state bytes per device of the DPO stage under each reference strategy, from
                 shapes alone on the local devices.
   logps         Sequence log-probs (forward and backward, from the final hidden states) on one
-                batch's tokens: full logits against the memory-bounded `losses.chunked_sequence_logps`,
-                compiled temporary bytes and seconds, for each of --logps_vocab_sizes.
+                batch's tokens: full logits against the memory-bounded `losses.chunked_sequence_logps`
+                and `losses.scored_token_logps`, compiled temporary bytes and seconds, for each of
+                --logps_vocab_sizes.
   --plan        Per-device memory (parameters, optimizer, reference, gradients, activations with and
                 without remat) and step time of the config on an accelerator and mesh that need not be
                 here, from shapes, FLOPs and bytes:
@@ -192,15 +193,19 @@ def state_memory(config):
 
 def logps_memory(config, vocab_sizes, repeats=3):
     """Compiled temporary bytes and median seconds of the gradient of sequence log-probs with
-    respect to the hidden states and the output embedding, with and without full logits."""
+    respect to the hidden states and the output embedding: from full logits, chunk by chunk
+    (`chunked_sequence_logps`), and from the scored tokens' logits only (`scored_token_logps`, as
+    the train step with `model.logits_chunk_size`). The last third of each row is scored, about
+    the responses' share of an HH row."""
     rows, row_length = _rows_per_batch(config)
     width = config.model.embed_dim
     keys = jax.random.split(jax.random.PRNGKey(0), 3)
     hidden = jax.random.normal(keys[0], (rows, row_length, width), jnp.float32)
-    mask = jnp.ones((rows, row_length), jnp.float32)
+    mask = jnp.broadcast_to(jnp.arange(row_length) >= 2 * row_length // 3, (rows, row_length)).astype(jnp.float32)
     variants = {
         "full": lambda h, e, labels: losses.sequence_logps(h @ e.T, labels, mask),
         "chunked": lambda h, e, labels: losses.chunked_sequence_logps(h, labels, mask, logits_fn=lambda x: x @ e.T),
+        "scored": lambda h, e, labels: losses.scored_token_logps(h, labels, mask, lambda x: x @ e.T).sum(-1),
     }
     results = {}
     for vocab_size in vocab_sizes:
@@ -615,7 +620,7 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
         "phase_sec": phases,
         "levers": {key: options[key] for key in ("prefetch", "donate", "lagged_metrics", "length_buckets",
                                                  "compilation_cache_dir")}
-                  | {key: config.model[key] for key in ("remat", "attention_block_size")},
+                  | {key: config.model[key] for key in ("remat", "attention_block_size", "logits_chunk_size")},
     }
     print(f"{result['pairs_per_sec']:.2f} pairs/s, {result['tokens_per_sec']:,.0f} real tokens/s "
           f"({result['padded_tokens_per_sec']:,.0f} padded), {result['model_flops_per_step'] / 1e9:.1f} GFLOP/step, "

@@ -19,7 +19,9 @@ STAGES = ("pretrain", "sft", "reward", "unlikelihood", "dpo", "ppo")
 RESUMABLE_CHANGES = tuple(f"{stage}.num_steps" for stage in STAGES) + ("eval.every_steps", "checkpoint.every_steps",
                      "checkpoint.max_to_keep", "checkpoint.every_minutes", "checkpoint.best_metric",
                      "checkpoint.best_mode", "train.log_every_steps", "train.max_nonfinite_steps",
-                     "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor")
+                     "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor",
+                     # How the same network is computed, so a run can move between machines.
+                     "model.remat", "model.attention_block_size", "model.logits_chunk_size")
 
 
 def flatten(tree, prefix=""):
@@ -183,6 +185,7 @@ def _validate_rlhf(config):
 def _validate_model(config):
     model = config.model
     _check(model.attention_block_size >= 0, "model.attention_block_size", "must be >= 0 (0: dense attention)")
+    _check(model.logits_chunk_size >= 0, "model.logits_chunk_size", "must be >= 0 (0: full logits)")
     if model.init_from_hf:
         # The architecture is the checkpoint's: its config.json must read (a clear error if not),
         # and the length check is against its positions.

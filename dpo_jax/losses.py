@@ -97,6 +97,45 @@ def chunked_sequence_logps(inputs: Array, labels: Array, loss_mask: Array, *, av
     return _reduce(jnp.sum(chunk_sums, axis=0), mask, average)
 
 
+def scored_token_logps(hidden: Array, labels: Array, loss_mask: Array, logits_fn: Callable[[Array], Array], *,
+                       chunk_size: int = 128) -> Array:
+    """`token_logps(logits_fn(hidden), labels)` where `loss_mask` is set, 0 elsewhere: [batch, time]
+    float32, computing logits only for the scored positions, `chunk_size` of them at a time.
+
+    Each row's scored positions are gathered to its front (in order), and a chunk of `chunk_size`
+    columns is computed only while some row still has scored positions in it (`lax.cond`, so shapes
+    stay static and the skipped chunks cost nothing in the backward pass either). A DPO row scores
+    its responses only, about a third of its slots on HH; the unembedding and float32 log-softmax
+    of the prompts and padding are never computed. One [batch, chunk_size, vocab] float32 block is
+    live at a time, forward and backward (`jax.checkpoint`), so large vocabularies fit.
+    """
+    batch, time = labels.shape
+    chunk_size = min(chunk_size, time)
+    num_chunks = -(-time // chunk_size)
+    scored = loss_mask > 0
+    order = jnp.argsort(~scored, axis=1, stable=True)  # [batch, time]: scored positions first
+    scored_per_row = jnp.sum(scored, axis=1)
+    padding = num_chunks * chunk_size - time
+
+    def to_chunks(x):  # [batch, time, ...] gathered by `order` -> [chunks, batch, chunk_size, ...]
+        x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
+        x = jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+    @jax.checkpoint  # keep only the chunk's hidden states for the backward pass, not its log-softmax
+    def chunk_logps(chunk):
+        index, chunk_hidden, chunk_labels = chunk
+        return jax.lax.cond(index * chunk_size < jnp.max(scored_per_row),
+                            lambda: token_logps(logits_fn(chunk_hidden), chunk_labels),
+                            lambda: jnp.zeros(chunk_labels.shape, jnp.float32))
+
+    chunks = jax.lax.map(chunk_logps, (jnp.arange(num_chunks), to_chunks(hidden), to_chunks(labels)))
+    gathered = jnp.moveaxis(chunks, 0, 1).reshape(batch, -1)[:, :time]
+    gathered = jnp.where(jnp.arange(time) < scored_per_row[:, None], gathered, 0.0)
+    return jnp.zeros((batch, time), jnp.float32).at[jnp.arange(batch)[:, None], order].set(
+        gathered, unique_indices=True)
+
+
 def desensitized_sequence_logps(chosen_token_logps: Array, chosen_mask: Array, rejected_token_logps: Array,
                                 rejected_mask: Array, *, ld_alpha: float) -> Tuple[Array, Array]:
     """LD-DPO's sequence scores of a pair: (chosen, rejected) [batch] float32 from per-token log-probs.

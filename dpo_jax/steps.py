@@ -98,6 +98,13 @@ def _shifted_logits(graphdef, params, batch, prefix="", *, use_lora=True):
     return logits[:, :-1], batch[prefix + "input_ids"][:, 1:], batch[prefix + "loss_mask"][:, 1:]
 
 
+def _token_logps(graphdef, params, batch, *, use_lora=True):
+    """[rows, T-1] log-probs of tokens 1..T-1 where the loss mask scores them (0 elsewhere); with the
+    model's `logits_chunk_size`, only those tokens' logits are computed (`models.apply_token_logps`)."""
+    return models.apply_token_logps(graphdef, params, **_model_inputs(batch), loss_mask=batch["loss_mask"],
+                                    use_lora=use_lora)
+
+
 def _pair_rows(batch):
     """Chosen and rejected stacked into one batch [2 * pairs, time], for a single forward pass."""
     return {key: jnp.concatenate([batch["chosen_" + key], batch["rejected_" + key]], axis=0)
@@ -136,33 +143,32 @@ def _pair_sums(per_token, batch, rows):
     return _chosen_and_rejected(sums, batch)
 
 
-def _pair_lengths(labels, batch, rows):
+def _pair_lengths(batch, rows):
     """Response token counts of each pair's chosen and rejected: ([pairs], [pairs]) float32."""
-    return _pair_sums(jnp.ones(labels.shape, jnp.float32), batch, rows)
+    return _pair_sums(jnp.ones(rows["sequence_ids"][:, 1:].shape, jnp.float32), batch, rows)
 
 
-def _dpo_forward(graphdef, params, ref_params, batch, lora_reference=False):
-    """Policy logits, labels and rows; the reference's (chosen, rejected) log-probs; and the
-    reference logits when a live reference is run (None with precomputed log-probs in the batch)."""
-    rows = _dpo_rows(batch)
-    logits, labels, _ = _shifted_logits(graphdef, params, rows)
+def _reference(params, ref_params, dpo_config):
+    """(reference params, use_lora) of a live reference: LoRA-DPO's is the policy's own weights with
+    the adapters switched off. No gradient flows into it."""
+    if dpo_config.reference == "lora":
+        return jax.lax.stop_gradient(params), False
+    return jax.lax.stop_gradient(ref_params), True
+
+
+def _reference_pair_logps(graphdef, params, ref_params, batch, rows, dpo_config):
+    """The reference's (chosen, rejected) log-probs: precomputed ones from the batch, or a live forward."""
     if "reference_chosen_logps" in batch:
-        reference_logits = None
-        reference_logps = (batch["reference_chosen_logps"].reshape(-1), batch["reference_rejected_logps"].reshape(-1))
-    else:
-        # LoRA: the reference is the policy's own weights with the adapters switched off.
-        reference, use_lora = (params, False) if lora_reference else (ref_params, True)
-        reference_logits, _, _ = _shifted_logits(graphdef, jax.lax.stop_gradient(reference), rows, use_lora=use_lora)
-        reference_logps = _pair_sums(losses.token_logps(reference_logits, labels), batch, rows)
-    return logits, reference_logits, reference_logps, labels, rows
+        return batch["reference_chosen_logps"].reshape(-1), batch["reference_rejected_logps"].reshape(-1)
+    reference, use_lora = _reference(params, ref_params, dpo_config)
+    return _pair_sums(_token_logps(graphdef, reference, rows, use_lora=use_lora), batch, rows)
 
 
 def reference_logps(params, batch, *, graphdef):
     """Sequence log-probs of chosen and rejected under `params`, one per pair slot of the batch's
     units ([pairs], packed: [rows, pairs per row]): the precomputed-reference pass."""
     rows = _dpo_rows(batch)
-    logits, labels, _ = _shifted_logits(graphdef, params, rows)
-    chosen, rejected = _pair_sums(losses.token_logps(logits, labels), batch, rows)
+    chosen, rejected = _pair_sums(_token_logps(graphdef, params, rows), batch, rows)
     shape = batch["pair_mask"].shape if "pair_mask" in batch else chosen.shape
     return {"reference_chosen_logps": chosen.reshape(shape), "reference_rejected_logps": rejected.reshape(shape)}
 
@@ -176,10 +182,8 @@ def reference_logps(params, batch, *, graphdef):
 def sft_loss(params, ref_params, batch, rng, *, graphdef):
     """Mean next-token NLL over the response tokens of the batch."""
     del ref_params, rng
-    logits, labels, mask = _shifted_logits(graphdef, params, batch)
-    mask = mask.astype(jnp.float32)
-    num_tokens = jnp.sum(mask)
-    nll = -jnp.sum(losses.token_logps(logits, labels) * mask) / jnp.maximum(num_tokens, 1.0)
+    num_tokens = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
+    nll = -jnp.sum(_token_logps(graphdef, params, batch)) / jnp.maximum(num_tokens, 1.0)
     return nll, ({"nll": nll}, num_tokens)
 
 
@@ -197,10 +201,10 @@ def _mean_over_pairs(pair_loss, inputs, batch):
     return losses.masked_mean(per_example, pair_mask), (metrics, jnp.sum(pair_mask))
 
 
-def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
+def _preference_loss(policy_token_logps, reference_logps, rows, batch, dpo_config):
     """Loss and metrics averaged over the batch's pairs (packed: the real ones), and their number."""
-    policy_chosen, policy_rejected = _pair_sums(losses.token_logps(logits, labels), batch, rows)
-    chosen_lengths, rejected_lengths = _pair_lengths(labels, batch, rows)
+    policy_chosen, policy_rejected = _pair_sums(policy_token_logps, batch, rows)
+    chosen_lengths, rejected_lengths = _pair_lengths(batch, rows)
     options = dict(beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing, **configuration.loss_arguments(dpo_config))
     inputs = (policy_chosen, policy_rejected, *reference_logps, chosen_lengths, rejected_lengths)
 
@@ -215,9 +219,9 @@ def _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config):
 def dpo_loss(params, ref_params, batch, rng, *, graphdef, dpo_config):
     """The preference loss of `dpo_config.loss_type` against the frozen (or precomputed) reference."""
     del rng
-    logits, _, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch,
-                                                            dpo_config.reference == "lora")
-    return _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config)
+    rows = _dpo_rows(batch)
+    reference_logps = _reference_pair_logps(graphdef, params, ref_params, batch, rows, dpo_config)
+    return _preference_loss(_token_logps(graphdef, params, rows), reference_logps, rows, batch, dpo_config)
 
 
 def reward_pair_scores(params, batch, *, graphdef):
@@ -241,11 +245,10 @@ def unlikelihood_loss(params, ref_params, batch, rng, *, graphdef, alpha):
     the per-token unlikelihood -log(1 - p) of the rejected one (`losses.unlikelihood_loss`)."""
     del ref_params, rng
     rows = _dpo_rows(batch)
-    logits, labels, _ = _shifted_logits(graphdef, params, rows)
-    token_logps = losses.token_logps(logits, labels)
+    token_logps = _token_logps(graphdef, params, rows)
     chosen_logps, rejected_logps = _pair_sums(token_logps, batch, rows)
     _, rejected_log_one_minus = _pair_sums(losses.log1m_exp(token_logps), batch, rows)
-    chosen_lengths, rejected_lengths = _pair_lengths(labels, batch, rows)
+    chosen_lengths, rejected_lengths = _pair_lengths(batch, rows)
 
     def pair_loss(chosen_logps, rejected_log_one_minus, chosen_lengths, rejected_lengths, rejected_logps):
         return losses.unlikelihood_loss(chosen_logps, rejected_log_one_minus, chosen_lengths, rejected_lengths,
@@ -306,15 +309,19 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
     if axis_name is not None:
         (loss, metrics, grads), weight = jax.lax.psum(((loss, metrics, grads), weight), axis_name)
     loss, metrics, grads = jax.tree.map(lambda x: x / weight, (loss, metrics, grads))
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     # A non-finite loss or gradient skips the update (the batch is still consumed), so one bad
     # batch cannot poison the parameters; the host counts these steps from the `nonfinite` metric.
     trained_grads = [g for g, train in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable))
                      if train] if trainable is not None else jax.tree.leaves(grads)
     finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in trained_grads]))
-    keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    params = keep_if_finite(optax.apply_updates(state.params, updates), state.params)
-    opt_state = keep_if_finite(opt_state, state.opt_state)
+
+    def update(params, opt_state):
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state
+
+    # A cond rather than a select of old and new values: the update then runs in place in the
+    # donated buffers, without copying the optimizer state every step.
+    params, opt_state = jax.lax.cond(finite, update, lambda *kept: kept, state.params, state.opt_state)
     ref_params = state.ref_params
     if reference_update is not None:
         tau, alpha = reference_update
@@ -355,18 +362,22 @@ def unlikelihood_eval_step(params, ref_params, batch, *, graphdef, alpha):
 
 def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
     """DPO metrics plus, with a live reference, `kl`: exact KL(policy || reference) summed over
-    each response, averaged over sequences."""
-    logits, reference_logits, reference_logps, labels, rows = _dpo_forward(graphdef, params, ref_params, batch,
-                                                                            dpo_config.reference == "lora")
-    loss, (metrics, _) = _preference_loss(logits, reference_logps, labels, rows, batch, dpo_config)
-    metrics = {**metrics, "loss": loss}
-    if reference_logits is not None:
-        # Per-token KL: sequence_kl over a time axis of length one, then summed per response.
-        token_kl = losses.sequence_kl(logits[:, :, None], reference_logits[:, :, None], jnp.ones(labels.shape + (1,)))
-        chosen_kl, rejected_kl = _pair_sums(token_kl, batch, rows)
-        pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32) if "pair_mask" in batch else 1.0
-        metrics["kl"] = losses.masked_mean((chosen_kl + rejected_kl) / 2, pair_mask * jnp.ones_like(chosen_kl))
-    return metrics
+    each response, averaged over sequences (from full logits of both models)."""
+    if "reference_chosen_logps" in batch:
+        return _loss_metrics(dpo_loss, params, ref_params, batch, graphdef=graphdef, dpo_config=dpo_config)
+    rows = _dpo_rows(batch)
+    logits, labels, _ = _shifted_logits(graphdef, params, rows)
+    reference, use_lora = _reference(params, ref_params, dpo_config)
+    reference_logits, _, _ = _shifted_logits(graphdef, reference, rows, use_lora=use_lora)
+    reference_logps = _pair_sums(losses.token_logps(reference_logits, labels), batch, rows)
+    loss, (metrics, _) = _preference_loss(losses.token_logps(logits, labels), reference_logps, rows, batch,
+                                          dpo_config)
+    # Per-token KL: sequence_kl over a time axis of length one, then summed per response.
+    token_kl = losses.sequence_kl(logits[:, :, None], reference_logits[:, :, None], jnp.ones(labels.shape + (1,)))
+    chosen_kl, rejected_kl = _pair_sums(token_kl, batch, rows)
+    pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32) if "pair_mask" in batch else 1.0
+    return {**metrics, "loss": loss,
+            "kl": losses.masked_mean((chosen_kl + rejected_kl) / 2, pair_mask * jnp.ones_like(chosen_kl))}
 
 
 def stage_functions(stage, graphdef, config):

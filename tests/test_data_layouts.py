@@ -42,22 +42,29 @@ def _pair_logps(graphdef, params, arrays):
 
 
 def test_all_layouts_give_the_same_log_probs_and_loss(tiny_config):
+    """Every layout, and every path that computes the model: full logits, log-probs of the scored
+    tokens only (`logits_chunk_size`), and that with the blockwise attention."""
     pairs = _random_pairs(16, seed=0)
-    graphdef, params = _model(tiny_config, position_embedding="rope")  # positions matter through the rotations
+    _, params = _model(tiny_config, position_embedding="rope")  # positions matter through the rotations
     reference_params = jax.tree.map(lambda p: p * 1.05, params)
     kwargs = dict(max_length=MAX_LENGTH, row_length=2 * MAX_LENGTH + 6, max_pairs_per_row=4)
+    paths = {"full logits": dict(logits_chunk_size=0), "scored tokens": dict(logits_chunk_size=8),
+             "scored tokens, blockwise attention": dict(logits_chunk_size=8, attention_block_size=8)}
     results, losses = {}, {}
-    loss_fn = jax.jit(functools.partial(steps.dpo_loss, graphdef=graphdef, dpo_config=tiny_config.dpo))
-    for layout in layouts.LAYOUTS:
-        arrays = layouts.pair_arrays(pairs, layout, **kwargs)
-        results[layout] = _pair_logps(graphdef, params, arrays)
-        loss, (metrics, weight) = loss_fn(params, reference_params, jax.tree.map(np.asarray, arrays), None)
-        losses[layout] = (float(loss), float(metrics["rewards/accuracies"]), float(metrics["logps/chosen"]),
-                          float(weight))
-    for layout in layouts.LAYOUTS:
-        np.testing.assert_allclose(results[layout], results["padded"], rtol=1e-5, atol=1e-5, err_msg=layout)
-        np.testing.assert_allclose(losses[layout], losses["padded"], rtol=1e-5, atol=1e-5, err_msg=layout)
-    assert losses["padded"][3] == len(pairs)
+    for path, overrides in paths.items():
+        path_graphdef = models.abstract_model({**tiny_config.model, **overrides})[0]
+        loss_fn = jax.jit(functools.partial(steps.dpo_loss, graphdef=path_graphdef, dpo_config=tiny_config.dpo))
+        for layout in layouts.LAYOUTS:
+            arrays = layouts.pair_arrays(pairs, layout, **kwargs)
+            results[path, layout] = _pair_logps(path_graphdef, params, arrays)
+            loss, (metrics, weight) = loss_fn(params, reference_params, jax.tree.map(np.asarray, arrays), None)
+            losses[path, layout] = (float(loss), float(metrics["rewards/accuracies"]), float(metrics["logps/chosen"]),
+                                    float(weight))
+    expected = ("full logits", "padded")
+    for key in results:
+        np.testing.assert_allclose(results[key], results[expected], rtol=1e-5, atol=1e-5, err_msg=str(key))
+        np.testing.assert_allclose(losses[key], losses[expected], rtol=1e-5, atol=1e-5, err_msg=str(key))
+    assert losses[expected][3] == len(pairs)
 
 
 def test_packed_prefix_shared_log_probs_match_plain_forward_passes(tiny_config):

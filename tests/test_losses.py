@@ -412,12 +412,15 @@ def test_robust_without_label_noise_and_reverse_kl_are_dpo():
 # Sequence scores
 # ---------------------------------------------------------------------------------------------
 
-def numpy_sequence_logps(logits, labels, mask, average):
+def numpy_token_logps(logits, labels):
     logits = np.asarray(logits, np.float64)
     top = logits.max(-1, keepdims=True)
     log_softmax = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
-    picked = np.take_along_axis(log_softmax, labels[..., None], -1)[..., 0]
-    sums = (picked * mask).sum(-1)
+    return np.take_along_axis(log_softmax, labels[..., None], -1)[..., 0]
+
+
+def numpy_sequence_logps(logits, labels, mask, average):
+    sums = (numpy_token_logps(logits, labels) * mask).sum(-1)
     return sums / np.maximum(mask.sum(-1), 1) if average else sums
 
 
@@ -496,6 +499,48 @@ def test_chunked_sequence_logps_never_build_a_full_float32_log_softmax():
     # From hidden states, not even the bfloat16 logits exist in full.
     jaxpr = jax.make_jaxpr(jax.grad(from_hidden, argnums=(0, 1)))(hidden, unembedding).jaxpr
     assert max(math.prod(shape) for shape, _ in intermediate_shapes(jaxpr)) < batch * time * vocab
+
+
+# chunk 4 leaves a remainder of the 11 steps, 11 divides them, 64 exceeds them.
+@pytest.mark.parametrize("chunk_size", [4, 11, 64])
+def test_scored_token_logps_equal_the_full_ones_with_gradients(chunk_size):
+    """Token log-probs where the mask scores them (a row scores none), 0 elsewhere; and gradients."""
+    hidden, unembedding, labels, mask = token_batch(seed=4)
+    weights = jnp.asarray(np.random.default_rng(5).normal(size=labels.shape), jnp.float32)
+    expected_logps = np.where(mask > 0, numpy_token_logps(hidden @ unembedding, labels), 0.0)
+    scored = lambda h, w: losses.scored_token_logps(h, labels, mask, lambda x: x @ w, chunk_size=chunk_size)
+    np.testing.assert_allclose(scored(hidden, unembedding), expected_logps, rtol=1e-5, atol=1e-5)
+
+    def full(hidden, unembedding):
+        return jnp.sum(weights * jnp.where(mask > 0, losses.token_logps(hidden @ unembedding, labels), 0.0))
+
+    expected_value, expected_grads = jax.value_and_grad(full, argnums=(0, 1))(hidden, unembedding)
+    value, grads = jax.value_and_grad(lambda h, w: jnp.sum(weights * scored(h, w)), argnums=(0, 1))(hidden, unembedding)
+    np.testing.assert_allclose(value, expected_value, rtol=1e-5)
+    for got, expected in zip(grads, expected_grads):
+        np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_scored_token_logps_compute_only_the_chunks_holding_scored_tokens():
+    """Logits are computed for ceil(most scored tokens in a row / chunk) chunks, whatever their
+    positions, and unscored positions (here poisoned with NaN) do not reach the result."""
+    batch, time, chunk = 3, 40, 4
+    hidden, unembedding, labels, _ = token_batch(seed=6, batch=batch, time=time)
+    mask = np.zeros((batch, time), np.float32)
+    mask[0, [1, 7, 30]] = 1.0            # scattered: 3 tokens
+    mask[1, 20:29] = 1.0                 # a span of 9 tokens: 3 chunks of 4
+    hidden = np.where(mask[..., None] > 0, hidden, np.nan).astype(np.float32)
+    calls = []
+
+    def logits_fn(x):
+        jax.debug.callback(lambda: calls.append(1))
+        return x @ unembedding
+
+    logps = jax.jit(lambda h: losses.scored_token_logps(h, labels, mask, logits_fn, chunk_size=chunk))(hidden)
+    jax.effects_barrier()
+    assert len(calls) == 3  # of 10 chunks
+    expected = np.where(mask > 0, numpy_token_logps(np.nan_to_num(hidden) @ unembedding, labels), 0.0)
+    np.testing.assert_allclose(logps, expected, rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------------------------------------

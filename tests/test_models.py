@@ -101,6 +101,28 @@ def test_remat_gives_the_same_logits():
     np.testing.assert_allclose(run(remat_model, x), run(model, x), atol=1e-6)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-gptj"])  # tied unembedding; an output layer with a bias
+def test_token_logps_of_scored_tokens_equal_the_full_logits_path(preset):
+    """`apply_token_logps` with `logits_chunk_size` (logits of the scored tokens only) against the
+    full logits: the values, 0 where the mask scores nothing, and the parameter gradients."""
+    model = random_model(preset)
+    graphdef, params = nnx.split(model, nnx.Param)
+    chunked_graphdef = nnx.split(random_model(preset, logits_chunk_size=4), nnx.Param)[0]
+    input_ids = tokens((3, 13), seed=11)
+    loss_mask = jnp.asarray(np.random.RandomState(12).rand(3, 13) < 0.5, jnp.int32).at[2].set(0)
+    log_probs = jax.nn.log_softmax(np.asarray(run(model, input_ids), np.float64)[:, :-1], axis=-1)
+    expected = np.where(loss_mask[:, 1:] > 0,
+                        np.take_along_axis(log_probs, np.asarray(input_ids)[:, 1:, None], -1)[..., 0], 0.0)
+    weights = jnp.asarray(np.random.RandomState(13).randn(3, 12), jnp.float32)
+    results = {}
+    for name, definition in (("full", graphdef), ("chunked", chunked_graphdef)):
+        fn = lambda p, definition=definition: models.apply_token_logps(definition, p, input_ids, loss_mask)
+        np.testing.assert_allclose(jax.jit(fn)(params), expected, atol=1e-5, err_msg=name)
+        results[name] = jax.jit(jax.grad(lambda p, fn=fn: jnp.sum(weights * fn(p))))(params)
+    for full, chunked in zip(jax.tree.leaves(results["full"]), jax.tree.leaves(results["chunked"])):
+        np.testing.assert_allclose(chunked, full, atol=1e-5)
+
+
 def test_parameters_carry_the_logical_axis_names():
     _, abstract_params, specs = models.abstract_model(common.model_config("tiny-llama", lora=dict(
         rank=4, alpha=8.0, targets=("query", "down"))))

@@ -94,6 +94,7 @@ def test_same_losses_on_one_device_and_on_an_eight_device_mesh(finished_run, tmp
     (["--config.train.global_batch_size=6"], EIGHT_DEVICES, "config.train.global_batch_size / config.train.grad_accum_steps=6 is not divisible"),
     (["--config.mesh.data=3"], EIGHT_DEVICES, "config.mesh"),
     (["--config.dpo.betta=0.2"], {}, "betta"),
+    (["--config.model.logits_chunk_size=-1"], {}, "config.model.logits_chunk_size: must be >= 0"),
 ])
 def test_bad_config_is_refused_before_anything_runs(tmp_path, flags, env, message):
     workdir = tmp_path / "run"

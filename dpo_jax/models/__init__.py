@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax import sharding
+from dpo_jax import losses, sharding
 from dpo_jax.models import hf, lora
 from dpo_jax.models.lora import trainable_mask
 from dpo_jax.models.scalar import ScalarModel, abstract_scalar_model, apply_scalar, init_scalar_params
@@ -26,7 +26,7 @@ from dpo_jax.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_jax.models.transformer import Decoder, DecoderConfig
 
 __all__ = ["Decoder", "DecoderConfig", "ScalarModel", "Tokenizer", "abstract_model", "abstract_scalar_model", "apply",
-           "apply_scalar", "decoder_config", "fold_adapters", "init_params", "init_scalar_params", "load_hf",
+           "apply_scalar", "apply_token_logps", "decoder_config", "fold_adapters", "init_params", "init_scalar_params", "load_hf",
            "load_tokenizer", "save_hf", "trainable_mask"]
 
 # Parameters are created abstractly and placed by jit out_shardings, not sharded eagerly by Flax.
@@ -107,6 +107,27 @@ def apply(graphdef, params, input_ids, positions=None, segment_ids=None, *, mask
     if not use_lora:
         model = nnx.view(model, use_lora=False)
     return model(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+
+
+def apply_token_logps(graphdef, params, input_ids, loss_mask, positions=None, segment_ids=None, *, mask=None,
+                      use_lora=True):
+    """log p(input_ids[:, t + 1] | input_ids[:, :t + 1]) [batch, time - 1] float32 where
+    `loss_mask[:, t + 1]` is set, 0 elsewhere; a pure function (arguments as `apply`).
+
+    With the model's `logits_chunk_size > 0`, logits exist only for the scored tokens, a chunk at a
+    time (`losses.scored_token_logps`); with 0, the full logits are computed and the unscored
+    positions are zeroed.
+    """
+    model = nnx.merge(graphdef, params)
+    if not use_lora:
+        model = nnx.view(model, use_lora=False)
+    labels, scored = input_ids[:, 1:], loss_mask[:, 1:]
+    chunk_size = model.config.logits_chunk_size
+    if chunk_size:
+        hidden = model.features(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+        return losses.scored_token_logps(hidden[:, :-1], labels, scored, model.unembedding(), chunk_size=chunk_size)
+    logits = model(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+    return jnp.where(scored > 0, losses.token_logps(logits[:, :-1], labels), 0.0)
 
 
 def load_hf(path, dtype="float32", *, param_dtype=None, lora_config=None, mesh=None):

@@ -41,8 +41,8 @@ ACTIVATIONS = {
 LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 # Fields that say how to run or where to start, not what the network computes.
-RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_block_size", "init_from_hf", "lora_rank", "lora_alpha",
-                  "lora_targets")
+RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_block_size", "logits_chunk_size", "init_from_hf",
+                  "lora_rank", "lora_alpha", "lora_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,6 +87,7 @@ class DecoderConfig:
     param_dtype: str = "float32"
     remat: bool = False
     attention_block_size: int = 0  # 0: jax.nn.dot_product_attention; > 0: `blockwise_attention` in blocks of this
+    logits_chunk_size: int = 0  # 0: training log-probs from full logits; > 0: `losses.scored_token_logps` chunks
 
     def __post_init__(self):
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))  # lists come from JSON configs
@@ -137,6 +138,17 @@ class DecoderConfig:
 # Layers
 # ---------------------------------------------------------------------------------------------
 
+def matmul(x, kernel):
+    """x [..., in] @ kernel [in, out] as one 2-D matmul over the flattened leading axes.
+
+    The same numbers as `x @ kernel`, but XLA:CPU lowers the weight gradient of a matmul with
+    several batch axes through transposing copies fused into the elementwise backward, which made
+    the training step's backward pass over twice as slow (`python -m dpo_jax.bench`); a 2-D matmul
+    has a plain transposed-matmul gradient. Flattening is free: the leading axes are contiguous.
+    """
+    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+
+
 class Dense(nnx.Module):
     """x @ kernel (+ bias), plus an optional LoRA adapter (alpha / rank) * x @ lora_a @ lora_b.
 
@@ -171,11 +183,11 @@ class Dense(nnx.Module):
 
     def __call__(self, x):
         x = x.astype(self.dtype)
-        y = x @ self.kernel[...].astype(self.dtype)
+        y = matmul(x, self.kernel[...].astype(self.dtype))
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         if self.lora_a is not None and self.use_lora:
-            adapter = (x @ self.lora_a[...].astype(self.dtype)) @ self.lora_b[...].astype(self.dtype)
+            adapter = matmul(matmul(x, self.lora_a[...].astype(self.dtype)), self.lora_b[...].astype(self.dtype))
             y = y + (self.lora_scale * adapter).astype(self.dtype)
         return y
 
@@ -269,142 +281,149 @@ def _within_window(query_positions, key_positions, sliding_window):
 # ---------------------------------------------------------------------------------------------
 # A packed row of 1024 slots holding four ~250-token sequences attends to about a tenth of its
 # 1024 x 1024 (query, key) pairs, but a dense masked attention computes, stores and differentiates
-# all of them. Here queries and keys are cut into blocks; a block pair is computed only when the
-# mask shows one of its pairs (`lax.cond` inside scans, so skipping is decided at run time from the
-# data and shapes stay static), with the online softmax of flash attention and its backward pass
-# recomputing probabilities from the saved log-sum-exp, so no [time, time] float array is kept.
+# all of them. Here queries and keys are cut into blocks, and the block pairs where the mask shows
+# at least one (query, key) pair are listed (visible ones first, decided at run time from the data
+# so shapes stay static). They are computed `BLOCK_PAIRS_PER_STEP` at a time as batched matmuls,
+# steps past the visible ones skipped (`lax.cond`), and merged per query block with the online
+# softmax of flash attention; the backward pass recomputes probabilities from the saved
+# log-sum-exp, so no [time, time] float array is kept.
 
-def _masked_logits(query_block, key_block, mask_block, scale):
-    """[kv_heads, groups, block, block] float32 scaled logits, hidden pairs at jax.nn's large negative."""
-    logits = jnp.einsum("qkgd,skd->kgqs", query_block, key_block, preferred_element_type=jnp.float32) * scale
-    return jnp.where(mask_block, logits, -0.7 * jnp.finfo(jnp.float32).max)
-
-
-def _block(array, index, block_size, axis=0):
-    """Block `index` of `array` along `axis`."""
-    return jax.lax.dynamic_slice_in_dim(array, index * block_size, block_size, axis=axis)
+BLOCK_PAIRS_PER_STEP = 8  # enough work per step to amortise XLA:CPU's per-operation cost
+_HIDDEN = -0.7 * float(jnp.finfo(jnp.float32).max)  # jax.nn's logit for hidden pairs: finite, exp() = 0
 
 
-def _visible_blocks(mask, block_size):
-    """[batch, query blocks, key blocks] bool: the block pair holds at least one visible pair."""
-    batch, query_length, key_length = mask.shape
-    return mask.reshape(batch, query_length // block_size, block_size, key_length // block_size,
-                        block_size).any(axis=(2, 4))
+def _flat_heads(x):
+    """[..., kv_heads, groups, block, n] -> [..., kv_heads, groups * block, n]: the matmul view of grouped queries."""
+    return x.reshape(*x.shape[:-3], x.shape[-3] * x.shape[-2], x.shape[-1])
 
 
-def _blockwise_forward(query, key, value, mask, block_size):
-    """(output [batch, T, kv_heads, groups, dim], log-sum-exp [batch, T/block, kv_heads, groups, block])
-    of grouped queries [batch, T, kv_heads, groups, dim], keys and values [batch, S, kv_heads, dim]
-    and mask [batch, T, S], T and S multiples of `block_size`."""
-    batch, query_length, num_kv_heads, groups, head_dim = query.shape
-    num_key_blocks = key.shape[1] // block_size
-    scale = 1.0 / math.sqrt(head_dim)
-    visible = _visible_blocks(mask, block_size)
-
-    def row(_, row_inputs):
-        q_row, k_row, v_row, mask_row, visible_row = row_inputs
-
-        def query_block(_, i):
-            q_block = _block(q_row, i, block_size)
-            mask_rows = _block(mask_row, i, block_size)
-
-            def key_block(carry, j):
-                def attend(carry):
-                    running_max, normaliser, accumulated = carry
-                    logits = _masked_logits(q_block, _block(k_row, j, block_size),
-                                            _block(mask_rows, j, block_size, axis=1), scale)
-                    new_max = jnp.maximum(running_max, logits.max(-1))
-                    correction = jnp.exp(running_max - new_max)
-                    probs = jnp.exp(logits - new_max[..., None])
-                    accumulated = accumulated * correction[..., None] + jnp.einsum(
-                        "kgqs,skd->kgqd", probs.astype(v_row.dtype), _block(v_row, j, block_size),
-                        preferred_element_type=jnp.float32)
-                    return new_max, normaliser * correction + probs.sum(-1), accumulated
-
-                return jax.lax.cond(visible_row[i, j], attend, lambda carry: carry, carry), None
-
-            stats_shape = (num_kv_heads, groups, block_size)
-            init = (jnp.full(stats_shape, -jnp.inf, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
-                    jnp.zeros(stats_shape + (head_dim,), jnp.float32))
-            (running_max, normaliser, accumulated), _ = jax.lax.scan(key_block, init, jnp.arange(num_key_blocks))
-            # A query that sees no key (only the padding appended by `blockwise_attention`) outputs 0.
-            normaliser = jnp.where(normaliser > 0, normaliser, 1.0)
-            out = jnp.transpose(accumulated / normaliser[..., None], (2, 0, 1, 3))
-            return None, (out, running_max + jnp.log(normaliser))
-
-        _, (out, log_sum_exp) = jax.lax.scan(query_block, None, jnp.arange(query_length // block_size))
-        return None, (out.reshape(query_length, num_kv_heads, groups, head_dim), log_sum_exp)
-
-    _, (out, log_sum_exp) = jax.lax.scan(row, None, (query, key, value, mask, visible))
-    return out.astype(query.dtype), log_sum_exp
+def _block_logits(query, key, mask):
+    """[pairs, kv_heads, groups, block, block] float32 scaled logits of query blocks [pairs, kv_heads,
+    groups, block, dim] against key blocks [pairs, kv_heads, block, dim], hidden pairs at _HIDDEN."""
+    scale = 1.0 / math.sqrt(query.shape[-1])
+    # Head-major operands with the batch axes first make this a plain batched matmul on XLA:CPU.
+    logits = jnp.einsum("pkmd,pksd->pkms", _flat_heads(query), key, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask[:, None, None], logits.reshape(*query.shape[:-1], -1), _HIDDEN)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
-def _blockwise_grouped(query, key, value, mask, block_size):
-    return _blockwise_forward(query, key, value, mask, block_size)[0]
+def _visible_pairs(mask_blocks):
+    """(flat block-pair indices, visible ones first and padded to whole steps; the visible count)."""
+    visible = mask_blocks.any(axis=(1, 2))
+    padding = -visible.shape[0] % BLOCK_PAIRS_PER_STEP
+    order = jnp.argsort(~visible, stable=True).astype(jnp.int32)
+    return jnp.pad(order, (0, padding)), jnp.sum(visible, dtype=jnp.int32)
 
 
-def _blockwise_grouped_fwd(query, key, value, mask, block_size):
-    out, log_sum_exp = _blockwise_forward(query, key, value, mask, block_size)
-    return out, (query, key, value, mask, out, log_sum_exp)
+def _pair_steps(pairs, count, num_query_blocks, num_key_blocks):
+    """Per step of BLOCK_PAIRS_PER_STEP pairs: (step index, flat pair, query block, key block, valid)
+    arrays, with a leading axis of steps. Padding entries are invalid (and point at pair 0)."""
+    index = jnp.arange(pairs.shape[0])
+    valid = index < count
+    pairs = jnp.where(valid, pairs, 0)
+    rows, in_row = pairs // (num_query_blocks * num_key_blocks), pairs % (num_query_blocks * num_key_blocks)
+    query_blocks = rows * num_query_blocks + in_row // num_key_blocks
+    key_blocks = rows * num_key_blocks + in_row % num_key_blocks
+    steps = lambda x: x.reshape(-1, BLOCK_PAIRS_PER_STEP)
+    return (jnp.arange(pairs.shape[0] // BLOCK_PAIRS_PER_STEP), steps(pairs), steps(query_blocks), steps(key_blocks),
+            steps(valid))
 
 
-def _blockwise_grouped_bwd(block_size, residuals, out_grad):
-    """Flash attention's backward: per visible block pair, probabilities recomputed from the
-    log-sum-exp; dq accumulated per query block, dk and dv over the row."""
-    query, key, value, mask, out, log_sum_exp = residuals
-    head_dim = query.shape[-1]
-    scale = 1.0 / math.sqrt(head_dim)
-    visible = _visible_blocks(mask, block_size)
+def _blockwise_forward(query, key, value, mask, num_query_blocks, num_key_blocks):
+    """(output like `query`, log-sum-exp [query blocks, kv_heads, groups, block], visible pairs, count)
+    of query blocks [query blocks, kv_heads, groups, block, dim], key and value blocks [key blocks,
+    kv_heads, block, dim] and mask blocks [query blocks * key blocks of a row, block, block], blocks
+    numbered row by row."""
+    pairs, count = _visible_pairs(mask)
+    stats_shape = query.shape[:-1]
+    init = (jnp.full(stats_shape, _HIDDEN, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
+            jnp.zeros(query.shape, jnp.float32))
+
+    def step(carry, inputs):
+        index, pair, query_block, key_block, valid = inputs
+
+        def attend(carry):
+            running_max, normaliser, accumulated = carry
+            logits = _block_logits(query[query_block], key[key_block], mask[pair])
+            block_max = jnp.where(valid[:, None, None, None], logits.max(-1), _HIDDEN)
+            probs = jnp.where(mask[pair][:, None, None] & valid[:, None, None, None, None],
+                              jnp.exp(logits - block_max[..., None]), 0.0)
+            weighted = jnp.einsum("pkms,pksd->pkmd", _flat_heads(probs.astype(value.dtype)), value[key_block],
+                                  preferred_element_type=jnp.float32).reshape(probs.shape[:-1] + (-1,))
+            # Online softmax over the steps: every query block rescaled to the new running maximum,
+            # then this step's blocks added at it (several may share a query block).
+            new_max = running_max.at[query_block].max(block_max)
+            correction = jnp.exp(running_max - new_max)
+            weight = jnp.exp(block_max - new_max[query_block])
+            normaliser = normaliser * correction + jnp.zeros_like(normaliser).at[query_block].add(
+                probs.sum(-1) * weight)
+            accumulated = accumulated * correction[..., None] + jnp.zeros_like(accumulated).at[query_block].add(
+                jnp.where(valid[:, None, None, None, None], weighted, 0.0) * weight[..., None])
+            return new_max, normaliser, accumulated
+
+        return jax.lax.cond(index * BLOCK_PAIRS_PER_STEP < count, attend, lambda carry: carry, carry), None
+
+    (running_max, normaliser, accumulated), _ = jax.lax.scan(
+        step, init, _pair_steps(pairs, count, num_query_blocks, num_key_blocks))
+    # A query the mask shows no key (such as the slots `blockwise_attention` appends) outputs 0.
+    seen = normaliser > 0
+    out = accumulated / jnp.where(seen, normaliser, 1.0)[..., None]
+    log_sum_exp = jnp.where(seen, running_max + jnp.log(jnp.where(seen, normaliser, 1.0)), 0.0)
+    return out.astype(query.dtype), log_sum_exp, pairs, count
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blockwise_blocks(query, key, value, mask, num_query_blocks, num_key_blocks):
+    return _blockwise_forward(query, key, value, mask, num_query_blocks, num_key_blocks)[0]
+
+
+def _blockwise_blocks_fwd(query, key, value, mask, num_query_blocks, num_key_blocks):
+    out, log_sum_exp, pairs, count = _blockwise_forward(query, key, value, mask, num_query_blocks, num_key_blocks)
+    return out, (query, key, value, mask, out, log_sum_exp, pairs, count)
+
+
+def _blockwise_blocks_bwd(num_query_blocks, num_key_blocks, residuals, out_grad):
+    """Flash attention's backward over the same visible block pairs: probabilities recomputed from
+    the log-sum-exp, the query, key and value gradients of each step scattered into their blocks."""
+    query, key, value, mask, out, log_sum_exp, pairs, count = residuals
+    scale = 1.0 / math.sqrt(query.shape[-1])
     # d softmax: rowsum(dO * O), per query.
     out_dot_grad = jnp.sum(out_grad.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)
+    init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (query, key, value))
 
-    def row(_, row_inputs):
-        q_row, k_row, v_row, mask_row, visible_row, lse_row, grad_row, dot_row = row_inputs
+    def step(grads, inputs):
+        index, pair, query_block, key_block, valid = inputs
 
-        def query_block(key_grads, i):
-            q_block = _block(q_row, i, block_size)
-            grad_block = _block(grad_row, i, block_size)  # [block, kv_heads, groups, dim]
-            dot_block = jnp.transpose(_block(dot_row, i, block_size), (1, 2, 0))  # [kv_heads, groups, block]
-            mask_rows = _block(mask_row, i, block_size)
+        def attend(grads):
+            q_grads, k_grads, v_grads = grads
+            q, k, v, grad = query[query_block], key[key_block], value[key_block], out_grad[query_block]
+            flat_q, flat_grad = _flat_heads(q), _flat_heads(grad)
+            # Transposed [pairs, kv_heads, keys, queries] probabilities, so that three of the four
+            # gradient matmuls take their operands as laid out (XLA:CPU transposes the others).
+            logits = jnp.einsum("pksd,pkmd->pksm", k, flat_q, preferred_element_type=jnp.float32) * scale
+            groups = q.shape[2]
+            visible = jnp.tile(jnp.swapaxes(mask[pair], 1, 2), (1, 1, groups))[:, None]  # [pairs, 1, keys, queries]
+            lse = _flat_heads(log_sum_exp[query_block][..., None])[..., 0][:, :, None]  # [pairs, kv_heads, 1, queries]
+            probs = jnp.where(visible & valid[:, None, None, None], jnp.exp(logits - lse), 0.0)
+            v_grad = jnp.einsum("pksm,pkmd->pksd", probs.astype(grad.dtype), flat_grad,
+                                preferred_element_type=jnp.float32)
+            probs_grad = jnp.einsum("pksd,pkmd->pksm", v, flat_grad, preferred_element_type=jnp.float32)
+            dot = _flat_heads(out_dot_grad[query_block][..., None])[..., 0][:, :, None]
+            logits_grad = probs * (probs_grad - dot) * scale
+            k_grad = jnp.einsum("pksm,pkmd->pksd", logits_grad, flat_q, preferred_element_type=jnp.float32)
+            q_grad = jnp.einsum("pksm,pksd->pkmd", logits_grad, k, preferred_element_type=jnp.float32).reshape(q.shape)
+            # Padding entries computed nothing, but a NaN in the blocks they point at must not leak.
+            keep = lambda x: jnp.where(valid.reshape((-1,) + (1,) * (x.ndim - 1)), x, 0.0)
+            return (q_grads.at[query_block].add(keep(q_grad)), k_grads.at[key_block].add(keep(k_grad)),
+                    v_grads.at[key_block].add(keep(v_grad)))
 
-            def key_block(carry, j):
-                def attend(carry):
-                    q_grad, k_grads, v_grads = carry
-                    k_block, v_block = _block(k_row, j, block_size), _block(v_row, j, block_size)
-                    logits = _masked_logits(q_block, k_block, _block(mask_rows, j, block_size, axis=1), scale)
-                    probs = jnp.exp(logits - lse_row[i][..., None])
-                    v_grad = jnp.einsum("kgqs,qkgd->skd", probs.astype(grad_block.dtype), grad_block,
-                                        preferred_element_type=jnp.float32)
-                    probs_grad = jnp.einsum("qkgd,skd->kgqs", grad_block, v_block, preferred_element_type=jnp.float32)
-                    logits_grad = probs * (probs_grad - dot_block[..., None]) * scale
-                    q_grad = q_grad + jnp.einsum("kgqs,skd->qkgd", logits_grad, k_block,
-                                                 preferred_element_type=jnp.float32)
-                    k_grad = jnp.einsum("kgqs,qkgd->skd", logits_grad, q_block, preferred_element_type=jnp.float32)
-                    start = j * block_size
-                    k_grads = jax.lax.dynamic_update_slice_in_dim(
-                        k_grads, _block(k_grads, j, block_size) + k_grad, start, axis=0)
-                    v_grads = jax.lax.dynamic_update_slice_in_dim(
-                        v_grads, _block(v_grads, j, block_size) + v_grad, start, axis=0)
-                    return q_grad, k_grads, v_grads
+        return jax.lax.cond(index * BLOCK_PAIRS_PER_STEP < count, attend, lambda grads: grads, grads), None
 
-                return jax.lax.cond(visible_row[i, j], attend, lambda carry: carry, carry), None
-
-            init = (jnp.zeros(q_block.shape, jnp.float32), *key_grads)
-            (q_grad, *key_grads), _ = jax.lax.scan(key_block, init, jnp.arange(k_row.shape[0] // block_size))
-            return tuple(key_grads), q_grad
-
-        zeros = jnp.zeros(k_row.shape, jnp.float32)
-        (k_grads, v_grads), q_grads = jax.lax.scan(query_block, (zeros, zeros),
-                                                   jnp.arange(q_row.shape[0] // block_size))
-        return None, (q_grads.reshape(q_row.shape), k_grads, v_grads)
-
-    _, (q_grad, k_grad, v_grad) = jax.lax.scan(
-        row, None, (query, key, value, mask, visible, log_sum_exp, out_grad, out_dot_grad))
+    (q_grad, k_grad, v_grad), _ = jax.lax.scan(step, init, _pair_steps(pairs, count, num_query_blocks,
+                                                                         num_key_blocks))
     return q_grad.astype(query.dtype), k_grad.astype(key.dtype), v_grad.astype(value.dtype), None
 
 
-_blockwise_grouped.defvjp(_blockwise_grouped_fwd, _blockwise_grouped_bwd)
+_blockwise_blocks.defvjp(_blockwise_blocks_fwd, _blockwise_blocks_bwd)
 
 
 def blockwise_attention(query, key, value, mask, block_size):
@@ -413,18 +432,27 @@ def blockwise_attention(query, key, value, mask, block_size):
 
     query [batch, T, heads, dim], key and value [batch, S, kv_heads, dim], mask [batch, 1, T, S]
     bool (shared by the heads). Equal to the dense attention for every query that sees at least one
-    key (the model's masks give each token itself); T and S are padded to the block size inside.
+    key; a query that sees none outputs 0. T and S are padded to the block size inside.
     """
     batch, query_length, num_heads, head_dim = query.shape
     key_length, num_kv_heads = key.shape[1], key.shape[2]
-    pad = lambda length: -length % block_size
-    grouped = query.reshape(batch, query_length, num_kv_heads, num_heads // num_kv_heads, head_dim)
-    grouped = jnp.pad(grouped, ((0, 0), (0, pad(query_length)), (0, 0), (0, 0), (0, 0)))
-    key, value = (jnp.pad(x, ((0, 0), (0, pad(key_length)), (0, 0), (0, 0))) for x in (key, value))
-    mask = jnp.pad(jnp.broadcast_to(mask, (batch, 1, query_length, key_length))[:, 0],
-                   ((0, 0), (0, pad(query_length)), (0, pad(key_length))))
-    out = _blockwise_grouped(grouped, key, value, mask, block_size)
-    return out[:, :query_length].reshape(batch, query_length, num_heads, head_dim)
+    groups = num_heads // num_kv_heads
+    padded_query, padded_key = query_length + -query_length % block_size, key_length + -key_length % block_size
+    num_query_blocks, num_key_blocks = padded_query // block_size, padded_key // block_size
+    pad = lambda x, length: jnp.pad(x, ((0, 0), (0, length - x.shape[1])) + ((0, 0),) * (x.ndim - 2))
+    # Blocks, head-major: queries [batch * query blocks, kv_heads, groups, block, dim], keys and values
+    # [batch * key blocks, kv_heads, block, dim], masks [batch * query blocks * key blocks, block, block].
+    query_blocks = pad(query, padded_query).reshape(batch, num_query_blocks, block_size, num_kv_heads, groups,
+                                                    head_dim).transpose(0, 1, 3, 4, 2, 5)
+    key, value = (pad(x, padded_key).reshape(batch, num_key_blocks, block_size, num_kv_heads, head_dim)
+                  .transpose(0, 1, 3, 2, 4).reshape(-1, num_kv_heads, block_size, head_dim) for x in (key, value))
+    mask = jnp.broadcast_to(mask, (batch, 1, query_length, key_length))[:, 0]
+    mask = jnp.pad(mask, ((0, 0), (0, padded_query - query_length), (0, padded_key - key_length)))
+    mask = mask.reshape(batch, num_query_blocks, block_size, num_key_blocks, block_size).transpose(0, 1, 3, 2, 4)
+    out = _blockwise_blocks(query_blocks.reshape(-1, *query_blocks.shape[2:]), key, value,
+                            mask.reshape(-1, block_size, block_size), num_query_blocks, num_key_blocks)
+    out = out.reshape(query_blocks.shape).transpose(0, 1, 4, 2, 3, 5)  # [batch, query blocks, block, kv, groups, dim]
+    return out.reshape(batch, padded_query, num_heads, head_dim)[:, :query_length]
 
 
 class Attention(nnx.Module):
@@ -603,10 +631,22 @@ class Decoder(nnx.Module):
         return logits, {"index": start + length, "segment_ids": key_segment_ids, "positions": key_positions,
                         "layers": layers}
 
+    def unembed(self, hidden):
+        """Logits [..., vocab] of final hidden states [..., embed_dim] (from `features`)."""
+        return self.unembedding()(hidden)
+
+    def unembedding(self):
+        """`unembed` as a function of the hidden states, its weights prepared once: for calling chunk
+        by chunk in a loop, the tied embedding is transposed to [embed_dim, vocab] outside it."""
+        if self.lm_head is not None:
+            return self.lm_head
+        dtype = self.token_embedding.dtype  # tied: `nnx.Embed.attend`, as one 2-D matmul
+        kernel = self.token_embedding.embedding[...].astype(dtype).T
+        return lambda hidden: matmul(hidden.astype(dtype), kernel)
+
     def _forward(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
         x, new_caches = self._trunk(input_ids, positions, mask, layer_caches, cache_index, last_only)
-        logits = self.token_embedding.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits, new_caches
+        return self.unembed(x), new_caches
 
     def _trunk(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
         config = self.config
