@@ -142,9 +142,9 @@ def matmul(x, kernel):
     """x [..., in] @ kernel [in, out] as one 2-D matmul over the flattened leading axes.
 
     The same numbers as `x @ kernel`, but XLA:CPU lowers the weight gradient of a matmul with
-    several batch axes through transposing copies fused into the elementwise backward, which made
-    the training step's backward pass over twice as slow (`python -m dpo_jax.bench`); a 2-D matmul
-    has a plain transposed-matmul gradient. Flattening is free: the leading axes are contiguous.
+    several batch axes through transposing copies fused into the elementwise backward (200 ms of
+    a 940 ms step of `python -m dpo_jax.bench`, in a profile); a 2-D matmul has a plain
+    transposed-matmul gradient. Flattening is free: the leading axes are contiguous.
     """
     return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
 
@@ -354,9 +354,9 @@ def _blockwise_forward(query, key, value, mask, num_query_blocks, num_key_blocks
             new_max = running_max.at[query_block].max(block_max)
             correction = jnp.exp(running_max - new_max)
             weight = jnp.exp(block_max - new_max[query_block])
-            normaliser = normaliser * correction + jnp.zeros_like(normaliser).at[query_block].add(
-                probs.sum(-1) * weight)
-            accumulated = accumulated * correction[..., None] + jnp.zeros_like(accumulated).at[query_block].add(
+            normaliser = (normaliser * correction).at[query_block].add(probs.sum(-1) * weight)
+            # Padding entries' probabilities are 0, but a NaN in the values they point at must not leak.
+            accumulated = (accumulated * correction[..., None]).at[query_block].add(
                 jnp.where(valid[:, None, None, None, None], weighted, 0.0) * weight[..., None])
             return new_max, normaliser, accumulated
 
@@ -605,6 +605,11 @@ class Decoder(nnx.Module):
             mask = mask[:, None]
             if self.config.sliding_window:  # the window still applies to an explicit mask
                 mask = mask & _within_window(positions, positions, self.config.sliding_window)
+        if self.config.attention_block_size:
+            # Nothing reads padding's outputs; hiding every key from it lets the blockwise attention
+            # skip the padding tail's blocks (half the visible blocks of a padded HH row). The dense
+            # path keeps padding attending to padding, so that no softmax row is empty.
+            mask = mask & (segment_ids != 0)[:, None, :, None]
         return positions, mask
 
     def features(self, input_ids, positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
