@@ -470,15 +470,11 @@ def _median_seconds(fn, repeats):
 
 def attention_seconds(decoder_config, batch, repeats):
     """Seconds of the policy's attention forward+backward in all layers (part of its forward+backward),
-    on random q, k, v of the batch's rows with the batch's mask, through the model's attention path."""
+    on random q, k, v of the batch's rows with the model's mask of them, through its attention path."""
     inputs = steps._model_inputs(steps._dpo_rows(batch))  # pylint: disable=protected-access
-    segment_ids = inputs["segment_ids"]
-    rows, row_length = segment_ids.shape
-    if inputs["mask"] is None:
-        index = jnp.arange(row_length)
-        mask = transformer.attention_mask(segment_ids, segment_ids, index, index)
-    else:
-        mask = inputs["mask"][:, None]
+    rows, row_length = inputs["segment_ids"].shape
+    _, mask = transformer.positions_and_mask(decoder_config, (rows, row_length), inputs["positions"],
+                                             inputs["segment_ids"], inputs["mask"])
     shape = (rows, row_length, decoder_config.num_heads, decoder_config.resolved_head_dim)
     dtype = jnp.dtype(decoder_config.dtype)
     q, k, v = (jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.PRNGKey(0), 3))

@@ -65,6 +65,14 @@ def sequence_logps(logits: Array, labels: Array, loss_mask: Array, *, average: b
     return _reduce(jnp.sum(token_logps(logits, labels) * mask, axis=-1), mask, average)
 
 
+def _time_chunks(x: Array, chunk_size: int) -> Array:
+    """[batch, time, ...] -> [chunks, batch, chunk_size, ...], time zero-padded to whole chunks."""
+    batch, time = x.shape[:2]
+    num_chunks = -(-time // chunk_size)
+    x = jnp.pad(x, [(0, 0), (0, num_chunks * chunk_size - time)] + [(0, 0)] * (x.ndim - 2))
+    return jnp.moveaxis(x.reshape(batch, num_chunks, chunk_size, *x.shape[2:]), 1, 0)
+
+
 def chunked_sequence_logps(inputs: Array, labels: Array, loss_mask: Array, *, average: bool = False,
                            chunk_size: int = 128, logits_fn: Optional[Callable[[Array], Array]] = None) -> Array:
     """`sequence_logps` in bounded memory: the same numbers and gradients, one time chunk at a time.
@@ -76,15 +84,8 @@ def chunked_sequence_logps(inputs: Array, labels: Array, loss_mask: Array, *, av
     chunk is rematerialised with `jax.checkpoint`) in the backward pass, which is what lets a
     128k-vocabulary model fit. `inputs` are laid out by chunk once, a copy in their own dtype.
     """
-    batch, time = labels.shape
-    chunk_size = min(chunk_size, time)
-    num_chunks = -(-time // chunk_size)
-    padding = num_chunks * chunk_size - time
-
-    def to_chunks(x):  # [batch, time, ...] -> [chunks, batch, chunk_size, ...]; padding is masked out
-        if padding:
-            x = jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk_size, *x.shape[2:]), 1, 0)
+    chunk_size = min(chunk_size, labels.shape[1])
+    to_chunks = lambda x: _time_chunks(x, chunk_size)  # padding is masked out
 
     @jax.checkpoint  # keep only the chunk's inputs for the backward pass, not its float32 log-softmax
     def masked_chunk_sum(chunk):
@@ -115,12 +116,10 @@ def scored_token_logps(hidden: Array, labels: Array, loss_mask: Array, logits_fn
     scored = loss_mask > 0
     order = jnp.argsort(~scored, axis=1, stable=True)  # [batch, time]: scored positions first
     scored_per_row = jnp.sum(scored, axis=1)
-    padding = num_chunks * chunk_size - time
 
     def to_chunks(x):  # [batch, time, ...] gathered by `order` -> [chunks, batch, chunk_size, ...]
-        x = jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1)
-        x = jnp.pad(x, [(0, 0), (0, padding)] + [(0, 0)] * (x.ndim - 2))
-        return jnp.moveaxis(x.reshape(batch, num_chunks, chunk_size, *x.shape[2:]), 1, 0)
+        return _time_chunks(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1),
+                            chunk_size)
 
     @jax.checkpoint  # keep only the chunk's hidden states for the backward pass, not its log-softmax
     def chunk_logps(chunk):

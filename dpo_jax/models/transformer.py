@@ -343,9 +343,10 @@ def _blockwise_forward(query, key, value, mask, num_query_blocks, num_key_blocks
 
         def attend(carry):
             running_max, normaliser, accumulated = carry
-            logits = _block_logits(query[query_block], key[key_block], mask[pair])
+            pair_mask = mask[pair]
+            logits = _block_logits(query[query_block], key[key_block], pair_mask)
             block_max = jnp.where(valid[:, None, None, None], logits.max(-1), _HIDDEN)
-            probs = jnp.where(mask[pair][:, None, None] & valid[:, None, None, None, None],
+            probs = jnp.where(pair_mask[:, None, None] & valid[:, None, None, None, None],
                               jnp.exp(logits - block_max[..., None]), 0.0)
             weighted = jnp.einsum("pkms,pksd->pkmd", _flat_heads(probs.astype(value.dtype)), value[key_block],
                                   preferred_element_type=jnp.float32).reshape(probs.shape[:-1] + (-1,))
@@ -540,6 +541,30 @@ class Block(nnx.Module):
 # The decoder
 # ---------------------------------------------------------------------------------------------
 
+def positions_and_mask(config: DecoderConfig, shape, positions=None, segment_ids=None, mask=None):
+    """(positions [batch, time], attention mask [batch, 1, time, time]) of a forward pass over rows of
+    `shape` (arguments as `Decoder.__call__`): positions default to 0..time-1; the mask is causal
+    within segments, or the explicit one; with a sliding window, within the window."""
+    batch, length = shape
+    if positions is None:
+        positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
+    if segment_ids is None:
+        segment_ids = jnp.ones((batch, length), dtype=jnp.int32)
+    if mask is None:
+        index = jnp.arange(length)
+        mask = attention_mask(segment_ids, segment_ids, index, index, positions, positions, config.sliding_window)
+    else:
+        mask = mask[:, None]
+        if config.sliding_window:  # the window still applies to an explicit mask
+            mask = mask & _within_window(positions, positions, config.sliding_window)
+    if config.attention_block_size:
+        # Nothing reads padding's outputs; hiding every key from it lets the blockwise attention
+        # skip the padding tail's blocks (half the visible blocks of a padded HH row). The dense
+        # path keeps padding attending to padding, so that no softmax row is empty.
+        mask = mask & (segment_ids != 0)[:, None, :, None]
+    return positions, mask
+
+
 def init_cache(config: DecoderConfig, batch_size, num_slots):
     """An empty KV cache for `num_slots` tokens: slots with segment id 0 are never attended by real tokens."""
     shape = (batch_size, num_slots, config.num_kv_heads, config.resolved_head_dim)
@@ -587,36 +612,15 @@ class Decoder(nnx.Module):
         mask: [batch, time, time] bool, replacing the causal/segment mask (e.g. prefix-shared layouts:
             two responses attending to one shared prompt but not to each other).
         """
-        positions, mask = self._positions_and_mask(input_ids, positions, segment_ids, mask)
+        positions, mask = positions_and_mask(self.config, input_ids.shape, positions, segment_ids, mask)
         logits, _ = self._forward(input_ids, positions, mask)
         return logits
-
-    def _positions_and_mask(self, input_ids, positions, segment_ids, mask):
-        batch, length = input_ids.shape
-        if positions is None:
-            positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (batch, length))
-        if segment_ids is None:
-            segment_ids = jnp.ones((batch, length), dtype=jnp.int32)
-        if mask is None:
-            index = jnp.arange(length)
-            mask = attention_mask(segment_ids, segment_ids, index, index, positions, positions,
-                                  self.config.sliding_window)
-        else:
-            mask = mask[:, None]
-            if self.config.sliding_window:  # the window still applies to an explicit mask
-                mask = mask & _within_window(positions, positions, self.config.sliding_window)
-        if self.config.attention_block_size:
-            # Nothing reads padding's outputs; hiding every key from it lets the blockwise attention
-            # skip the padding tail's blocks (half the visible blocks of a padded HH row). The dense
-            # path keeps padding attending to padding, so that no softmax row is empty.
-            mask = mask & (segment_ids != 0)[:, None, :, None]
-        return positions, mask
 
     def features(self, input_ids, positions: Optional[jax.Array] = None, segment_ids: Optional[jax.Array] = None,
                  *, mask: Optional[jax.Array] = None):
         """The final normed hidden states [batch, time, embed_dim], before the unembedding (arguments as
         `__call__`): the input of scalar heads (reward and value models)."""
-        positions, mask = self._positions_and_mask(input_ids, positions, segment_ids, mask)
+        positions, mask = positions_and_mask(self.config, input_ids.shape, positions, segment_ids, mask)
         hidden, _ = self._trunk(input_ids, positions, mask)
         return hidden
 
@@ -636,13 +640,10 @@ class Decoder(nnx.Module):
         return logits, {"index": start + length, "segment_ids": key_segment_ids, "positions": key_positions,
                         "layers": layers}
 
-    def unembed(self, hidden):
-        """Logits [..., vocab] of final hidden states [..., embed_dim] (from `features`)."""
-        return self.unembedding()(hidden)
-
     def unembedding(self):
-        """`unembed` as a function of the hidden states, its weights prepared once: for calling chunk
-        by chunk in a loop, the tied embedding is transposed to [embed_dim, vocab] outside it."""
+        """The output layer as a function of final hidden states [..., embed_dim] (from `features`) to
+        logits [..., vocab], its weights prepared once: for calling chunk by chunk in a loop, the
+        tied embedding is transposed to [embed_dim, vocab] outside it."""
         if self.lm_head is not None:
             return self.lm_head
         dtype = self.token_embedding.dtype  # tied: `nnx.Embed.attend`, as one 2-D matmul
@@ -651,7 +652,7 @@ class Decoder(nnx.Module):
 
     def _forward(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
         x, new_caches = self._trunk(input_ids, positions, mask, layer_caches, cache_index, last_only)
-        return self.unembed(x), new_caches
+        return self.unembedding()(x), new_caches
 
     def _trunk(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
         config = self.config
