@@ -402,9 +402,14 @@ def _resolve(config, workdir):
     if not config.data.data_dir and config.data.name != "synthetic":
         config.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
     _ensure_tokenizer(config, workdir)
-    checked = config.copy_and_resolve_references()
-    del checked["bench"]
-    configuration.validate(checked)
+    configuration.validate(_without_bench(config))
+
+
+def _without_bench(config):
+    """A copy of the config as the rest of dpo_jax reads it, without the benchmark's own block."""
+    copy = config.copy_and_resolve_references()
+    del copy["bench"]
+    return copy
 
 
 def _trim(host_batch, length):
@@ -692,17 +697,23 @@ def ab_benchmark(config, other):
 # --compare=trl
 # ---------------------------------------------------------------------------------------------
 
+def _trl_pairs_per_step(config):
+    """Pairs per TRL step: as many as a dpo_jax batch holds, on average over the data when its rows
+    are packed (they hold a varying number of pairs)."""
+    if config.data.layout not in ("packed", "packed_prefix_shared"):
+        return config.train.global_batch_size
+    pairs_per_row = data.load_task(_without_bench(config)).dpo_train["pair_mask"].sum(axis=1).mean()
+    return max(1, round(config.train.global_batch_size * float(pairs_per_row)))
+
+
 def _padded_pairs(config, total_steps):
-    """The token ids {prompt, chosen, rejected} of the pairs of `total_steps` batches of 8 (or the
-    config's) pairs in the padded layout, in the order dpo_jax's loader serves them."""
-    padded = config.copy_and_resolve_references()
-    del padded["bench"]
+    """The token ids {prompt, chosen, rejected} of the pairs of `total_steps` TRL batches (of
+    `_trl_pairs_per_step` pairs) in the padded layout, in the order dpo_jax's loader serves them."""
+    padded = _without_bench(config)
     padded.data.update(layout="padded", row_length=0, max_pairs_per_row=1)
     arrays = data.load_task(padded).dpo_train
     arrays = {**arrays, "example_id": np.arange(len(arrays["chosen_input_ids"]))}
-    # As many pairs as a dpo_jax batch holds at most (packed rows: rows x pairs per row).
-    packed = config.data.layout in ("packed", "packed_prefix_shared")
-    pairs_per_step = config.train.global_batch_size * (config.data.max_pairs_per_row if packed else 1)
+    pairs_per_step = _trl_pairs_per_step(config)
     batches = loader.train_batches(arrays, global_batch_size=pairs_per_step, seed=config.seed)
     pairs = []
     for index in range(total_steps):

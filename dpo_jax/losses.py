@@ -17,6 +17,7 @@ hyperparameters only), and a bad one raises ValueError naming it.
 """
 
 import dataclasses
+import functools
 import inspect
 import math
 import numbers
@@ -103,16 +104,15 @@ def scored_token_logps(hidden: Array, labels: Array, loss_mask: Array, logits_fn
     """`token_logps(logits_fn(hidden), labels)` where `loss_mask` is set, 0 elsewhere: [batch, time]
     float32, computing logits only for the scored positions, `chunk_size` of them at a time.
 
-    Each row's scored positions are gathered to its front (in order), and a chunk of `chunk_size`
-    columns is computed only while some row still has scored positions in it (`lax.cond`, so shapes
-    stay static and the skipped chunks cost nothing in the backward pass either). A DPO row scores
-    its responses only, about a third of its slots on HH; the unembedding and float32 log-softmax
-    of the prompts and padding are never computed. One [batch, chunk_size, vocab] float32 block is
-    live at a time, forward and backward (`jax.checkpoint`), so large vocabularies fit.
+    Each row's scored positions are gathered to its front (in order), and only the chunks of
+    `chunk_size` columns where some row still has a scored position are computed: a loop of as
+    many steps, forward and backward (`_scored_chunk_logps`). A DPO row scores its responses only,
+    about a third of its slots on HH; the unembedding and float32 log-softmax of the prompts and
+    padding are never computed. One [batch, chunk_size, vocab] float32 block is live at a time,
+    forward and backward (the backward recomputes each chunk's logits), so large vocabularies fit.
     """
     batch, time = labels.shape
     chunk_size = min(chunk_size, time)
-    num_chunks = -(-time // chunk_size)
     scored = loss_mask > 0
     order = jnp.argsort(~scored, axis=1, stable=True)  # [batch, time]: scored positions first
     scored_per_row = jnp.sum(scored, axis=1)
@@ -121,18 +121,50 @@ def scored_token_logps(hidden: Array, labels: Array, loss_mask: Array, logits_fn
         return _time_chunks(jnp.take_along_axis(x, order.reshape(order.shape + (1,) * (x.ndim - 2)), axis=1),
                             chunk_size)
 
-    @jax.checkpoint  # keep only the chunk's hidden states for the backward pass, not its log-softmax
-    def chunk_logps(chunk):
-        index, chunk_hidden, chunk_labels = chunk
-        return jax.lax.cond(index * chunk_size < jnp.max(scored_per_row),
-                            lambda: token_logps(logits_fn(chunk_hidden), chunk_labels),
-                            lambda: jnp.zeros(chunk_labels.shape, jnp.float32))
-
-    chunks = jax.lax.map(chunk_logps, (jnp.arange(num_chunks), to_chunks(hidden), to_chunks(labels)))
+    hidden_chunks, label_chunks = to_chunks(hidden), to_chunks(labels)
+    # The weights `logits_fn` closes over become explicit inputs, so that they get gradients.
+    chunk_logits_fn, weights = jax.closure_convert(logits_fn, hidden_chunks[0])
+    num_scored_chunks = -(-jnp.max(scored_per_row) // chunk_size)
+    chunks = _scored_chunk_logps(chunk_logits_fn, num_scored_chunks, hidden_chunks, label_chunks, *weights)
     gathered = jnp.moveaxis(chunks, 0, 1).reshape(batch, -1)[:, :time]
     gathered = jnp.where(jnp.arange(time) < scored_per_row[:, None], gathered, 0.0)
     return jnp.zeros((batch, time), jnp.float32).at[jnp.arange(batch)[:, None], order].set(
         gathered, unique_indices=True)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _scored_chunk_logps(logits_fn, num_chunks, hidden_chunks, label_chunks, *weights):
+    """[chunks, batch, chunk] float32 token log-probs of `logits_fn(hidden_chunks[i], *weights)` for
+    the first `num_chunks` (traced) chunks, 0 in the others, which are never computed."""
+    return _scored_chunk_logps_fwd(logits_fn, num_chunks, hidden_chunks, label_chunks, *weights)[0]
+
+
+def _scored_chunk_logps_fwd(logits_fn, num_chunks, hidden_chunks, label_chunks, *weights):
+    def chunk(i, logps):
+        return logps.at[i].set(token_logps(logits_fn(hidden_chunks[i], *weights), label_chunks[i]))
+
+    logps = jax.lax.fori_loop(0, num_chunks, chunk, jnp.zeros(label_chunks.shape, jnp.float32))
+    return logps, (num_chunks, hidden_chunks, label_chunks, weights)
+
+
+def _scored_chunk_logps_bwd(logits_fn, residuals, logps_grad):
+    """The same loop backwards: each chunk's logits recomputed and differentiated on the spot, so the
+    weights' gradient sums the computed chunks only (no zero gradients of skipped ones)."""
+    num_chunks, hidden_chunks, label_chunks, weights = residuals
+
+    def chunk(i, grads):
+        hidden_grads, weight_grads = grads
+        _, vjp = jax.vjp(lambda h, *w: token_logps(logits_fn(h, *w), label_chunks[i]), hidden_chunks[i], *weights)
+        hidden_grad, *chunk_weight_grads = vjp(logps_grad[i])
+        return (hidden_grads.at[i].set(hidden_grad),
+                [total + grad for total, grad in zip(weight_grads, chunk_weight_grads)])
+
+    init = (jnp.zeros_like(hidden_chunks), [jnp.zeros_like(w) for w in weights])
+    hidden_grads, weight_grads = jax.lax.fori_loop(0, num_chunks, chunk, init)
+    return (None, hidden_grads, None, *weight_grads)
+
+
+_scored_chunk_logps.defvjp(_scored_chunk_logps_fwd, _scored_chunk_logps_bwd)
 
 
 def desensitized_sequence_logps(chosen_token_logps: Array, chosen_mask: Array, rejected_token_logps: Array,

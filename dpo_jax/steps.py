@@ -313,7 +313,10 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
     # batch cannot poison the parameters; the host counts these steps from the `nonfinite` metric.
     trained_grads = [g for g, train in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable))
                      if train] if trainable is not None else jax.tree.leaves(grads)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.array([jnp.all(jnp.isfinite(g)) for g in trained_grads]))
+    grad_norm = optax.global_norm(trained_grads)
+    # One pass over the gradients for both: the norm is non-finite if any gradient is, or if their
+    # squares overflow float32 (|g| > 1e19), a step whose Adam moments would be poisoned anyway.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def update(params, opt_state):
         updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -327,7 +330,7 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
         tau, alpha = reference_update
         mixed = jax.tree.map(lambda p, r: (alpha * p + (1.0 - alpha) * r).astype(r.dtype), params, ref_params)
         ref_params = jax.lax.cond((state.step + 1) % tau == 0, lambda: mixed, lambda: ref_params)
-    metrics = {**metrics, "loss": loss, "grad_norm": optax.global_norm(trained_grads),
+    metrics = {**metrics, "loss": loss, "grad_norm": grad_norm,
                "learning_rate": schedule(state.step), "nonfinite": 1.0 - finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
                          ref_params=ref_params), metrics

@@ -15,8 +15,8 @@ from flax import nnx
 
 from configs import bench_hh, quickstart
 from conftest import SHARED_DATA, run_python
-from dpo_jax import bench, models, steps
-from dpo_jax.data import layouts
+from dpo_jax import bench, data, models, steps
+from dpo_jax.data import layouts, loader
 from dpo_jax.models import transformer
 
 HH_DIR = os.path.join(SHARED_DATA, "hh-rlhf")
@@ -47,6 +47,26 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "bpe512-hh_rlhf-harmless-base-test", "tokenizer.json"))
     if with_trl:
         assert result["trl"]["pairs_per_sec"] > 0 and result["trl_ratio"] > 0
+
+
+@pytest.mark.parametrize("layout", ["padded", "packed_prefix_shared"])
+def test_trl_steps_hold_as_many_pairs_as_a_dpo_jax_step_on_average(tmp_path, layout):
+    """TRL's batch is dpo_jax's: the units per step when a unit is a pair, else the pairs that
+    packed rows hold per step on average (fewer than they could hold at most)."""
+    config = bench_hh.get_config(f"runlocal,synthetic,layout={layout}")
+    bench._resolve(config, str(tmp_path))
+    trl_pairs_per_step = bench._trl_pairs_per_step(config)
+    units = config.train.global_batch_size
+    if layout == "padded":
+        assert trl_pairs_per_step == units
+    else:  # every pair served in one epoch of dpo_jax's batches, counted
+        arrays = data.load_task(bench._without_bench(config)).dpo_train
+        batches = loader.train_batches(arrays, global_batch_size=units, seed=config.seed)
+        served = [int(batches[i]["pair_mask"].sum()) for i in range(len(arrays["pair_mask"]) // units)]
+        assert trl_pairs_per_step == round(np.mean(served))
+        assert units < trl_pairs_per_step < units * config.data.max_pairs_per_row
+    pairs, pairs_per_step = bench._padded_pairs(config, 3)
+    assert pairs_per_step == trl_pairs_per_step and len(pairs) == 3 * trl_pairs_per_step
 
 
 def test_benchmark_levers_off_on_the_synthetic_task(tmp_path):

@@ -5,6 +5,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from dpo_jax import data, losses, models, steps
@@ -120,3 +121,32 @@ def test_bfloat16_compute_keeps_log_probs_and_loss_in_float32(tiny_config):
     assert results["bfloat16"][1] == jnp.float32 and results["bfloat16"][2] == jnp.float32
     assert set(jax.tree.leaves(results["bfloat16"][4])) == {jnp.dtype("float32")}
     assert results["bfloat16"][3] == pytest.approx(results["float32"][3], abs=2e-2)
+
+
+@pytest.mark.parametrize("poison", ["nan_gradient", "inf_gradient", "overflowing_norm", "nan_loss"])
+def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing(poison):
+    """The loss may be finite while a gradient is not (sqrt at 0), or every gradient finite while
+    their norm overflows float32; each skips the update and is counted."""
+    params = {"w": jnp.ones((3,)), "v": jnp.zeros((2,))}
+    optimizer = optax.adamw(1e-2)
+    scale = {"nan_gradient": 0.0, "inf_gradient": 0.0, "overflowing_norm": 1e30, "nan_loss": 0.0}[poison]
+
+    def loss_fn(params, ref_params, batch, rng):
+        w, v = params["w"], params["v"]
+        loss = jnp.sum(w ** 2) + scale * jnp.sum(v + 1.0)  # d/dv = scale: 1e30 squares past float32
+        if poison == "nan_gradient":
+            loss = loss + jnp.sum(jnp.where(v > 0, jnp.log(v), 0.0) * 0.0)  # finite loss, 0 * inf = NaN gradient
+        if poison == "inf_gradient":
+            loss = loss + jnp.sum(jnp.sqrt(jnp.abs(v)))  # finite loss, infinite gradient at 0
+        if poison == "nan_loss":
+            loss = loss + jnp.nan
+        return loss, ({}, 1.0)  # (metrics, weight)
+
+    state = steps.init_state(params, optimizer, seed=0, live_reference=False)
+    new_state, metrics = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer,
+                                                   schedule=lambda step: 1e-2))(state, {"x": jnp.zeros(1)})
+    assert float(metrics["nonfinite"]) == 1.0
+    for before, after in zip(jax.tree.leaves((state.params, state.opt_state)),
+                             jax.tree.leaves((new_state.params, new_state.opt_state))):
+        np.testing.assert_array_equal(before, after)
+    assert int(new_state.step) == 1  # the batch is consumed

@@ -138,15 +138,18 @@ class DecoderConfig:
 # Layers
 # ---------------------------------------------------------------------------------------------
 
-def matmul(x, kernel):
-    """x [..., in] @ kernel [in, out] as one 2-D matmul over the flattened leading axes.
+def matmul(x, kernel, *, transposed=False):
+    """x [..., in] @ kernel [in, out] (or, `transposed`, kernel [out, in] contracted on its last
+    axis) as one 2-D matmul over the flattened leading axes.
 
     The same numbers as `x @ kernel`, but XLA:CPU lowers the weight gradient of a matmul with
     several batch axes through transposing copies fused into the elementwise backward (200 ms of
     a 940 ms step of `python -m dpo_jax.bench`, in a profile); a 2-D matmul has a plain
-    transposed-matmul gradient. Flattening is free: the leading axes are contiguous.
+    transposed-matmul gradient. Flattening is free: the leading axes are contiguous. `transposed`
+    serves a tied embedding [vocab, embed] as the output layer without a transposed copy of it.
     """
-    return (x.reshape(-1, x.shape[-1]) @ kernel).reshape(*x.shape[:-1], kernel.shape[-1])
+    out = x.reshape(-1, x.shape[-1]) @ (kernel.T if transposed else kernel)  # XLA folds the .T into the matmul
+    return out.reshape(*x.shape[:-1], out.shape[-1])
 
 
 class Dense(nnx.Module):
@@ -642,13 +645,12 @@ class Decoder(nnx.Module):
 
     def unembedding(self):
         """The output layer as a function of final hidden states [..., embed_dim] (from `features`) to
-        logits [..., vocab], its weights prepared once: for calling chunk by chunk in a loop, the
-        tied embedding is transposed to [embed_dim, vocab] outside it."""
+        logits [..., vocab], its weights cast once, outside any loop that calls it chunk by chunk."""
         if self.lm_head is not None:
             return self.lm_head
         dtype = self.token_embedding.dtype  # tied: `nnx.Embed.attend`, as one 2-D matmul
-        kernel = self.token_embedding.embedding[...].astype(dtype).T
-        return lambda hidden: matmul(hidden.astype(dtype), kernel)
+        embedding = self.token_embedding.embedding[...].astype(dtype)
+        return lambda hidden: matmul(hidden.astype(dtype), embedding, transposed=True)
 
     def _forward(self, input_ids, positions, mask, layer_caches=None, cache_index=None, last_only=False):
         x, new_caches = self._trunk(input_ids, positions, mask, layer_caches, cache_index, last_only)
