@@ -656,7 +656,8 @@ def step_benchmark(config, compare):
     if compare == "trl":
         result["trl"] = compare_trl(config, options)
         result["trl_ratio"] = result["pairs_per_sec"] / result["trl"]["pairs_per_sec"]
-        print(f"TRL {result['trl']['pairs_per_sec']:.2f} pairs/s; dpo_jax / TRL = {result['trl_ratio']:.2f}x")
+        print(f"TRL {result['trl']['pairs_per_sec']:.2f} pairs/s ({result['trl']['pairs_per_step']} pairs per step); "
+              f"dpo_jax / TRL = {result['trl_ratio']:.2f}x")
     return result
 
 
@@ -811,7 +812,8 @@ def trl_worker(spec_path):
     timed = spec["pairs"][spec["warmup_steps"] * spec["pairs_per_step"]:]
     real_tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in timed)
     return {"pairs_per_sec": len(timed) / seconds, "tokens_per_sec": real_tokens / seconds,
-            "step_sec": seconds / spec["steps"], "steps": spec["steps"], "torch_threads": torch.get_num_threads(),
+            "step_sec": seconds / spec["steps"], "steps": spec["steps"], "pairs_per_step": spec["pairs_per_step"],
+            "torch_threads": torch.get_num_threads(),
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
             "attn_implementation": policy.config._attn_implementation,  # pylint: disable=protected-access
             "peak_memory_bytes": _peak_rss()}

@@ -47,6 +47,9 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "bpe512-hh_rlhf-harmless-base-test", "tokenizer.json"))
     if with_trl:
         assert result["trl"]["pairs_per_sec"] > 0 and result["trl_ratio"] > 0
+        config = bench_hh.get_config("runlocal")
+        bench._resolve(config, str(tmp_path))
+        assert result["trl"]["pairs_per_step"] == bench._trl_pairs_per_step(config)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed_prefix_shared"])
