@@ -157,11 +157,13 @@ def _scored_chunk_logps_bwd(logits_fn, residuals, logps_grad):
         _, vjp = jax.vjp(lambda h, *w: token_logps(logits_fn(h, *w), label_chunks[i]), hidden_chunks[i], *weights)
         hidden_grad, *chunk_weight_grads = vjp(logps_grad[i])
         return (hidden_grads.at[i].set(hidden_grad),
-                [total + grad for total, grad in zip(weight_grads, chunk_weight_grads)])
+                [total + grad.astype(total.dtype) for total, grad in zip(weight_grads, chunk_weight_grads)])
 
-    init = (jnp.zeros_like(hidden_chunks), [jnp.zeros_like(w) for w in weights])
+    # The weights' gradient sums over chunks in float32, so bfloat16 weights lose no precision to the sum.
+    init = (jnp.zeros_like(hidden_chunks), [jnp.zeros(w.shape, jnp.promote_types(w.dtype, jnp.float32))
+                                            for w in weights])
     hidden_grads, weight_grads = jax.lax.fori_loop(0, num_chunks, chunk, init)
-    return (None, hidden_grads, None, *weight_grads)
+    return (None, hidden_grads, None, *(grad.astype(w.dtype) for grad, w in zip(weight_grads, weights)))
 
 
 _scored_chunk_logps.defvjp(_scored_chunk_logps_fwd, _scored_chunk_logps_bwd)
