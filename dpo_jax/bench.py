@@ -529,6 +529,7 @@ class _Benchmark:
     stats: list               # batch_stats of every batch the run will use
     compile_sec: float
     precompute_sec: Optional[float]
+    mean_pairs_per_step: int  # over the whole data (the batch TRL is given)
     next_index: int = 0
 
     def run(self, num_steps):
@@ -585,7 +586,7 @@ def _prepare(config, num_batches):
         compiled[length] = step_fn.lower(state, fetch(buckets.index(length))[1]).compile()
     compile_sec = time.perf_counter() - started
     return _Benchmark(config, stage, model, decoder_config, mesh, state, compiled, fetch, stats, compile_sec,
-                      precompute_sec)
+                      precompute_sec, mean_pairs_per_step(arrays, config.train.global_batch_size))
 
 
 def _report(bench, seconds, waited, stats, peak_flops, peak_source):
@@ -654,7 +655,7 @@ def step_benchmark(config, compare):
     bench.run(options.warmup_steps)
     result = _report(bench, *bench.run(options.steps), *peak)
     if compare == "trl":
-        result["trl"] = compare_trl(config, options)
+        result["trl"] = compare_trl(config, options, bench.mean_pairs_per_step)
         result["trl_ratio"] = result["pairs_per_sec"] / result["trl"]["pairs_per_sec"]
         print(f"TRL {result['trl']['pairs_per_sec']:.2f} pairs/s ({result['trl']['pairs_per_step']} pairs per step); "
               f"dpo_jax / TRL = {result['trl_ratio']:.2f}x")
@@ -698,23 +699,20 @@ def ab_benchmark(config, other):
 # --compare=trl
 # ---------------------------------------------------------------------------------------------
 
-def _trl_pairs_per_step(config):
-    """Pairs per TRL step: as many as a dpo_jax batch holds, on average over the data when its rows
-    are packed (they hold a varying number of pairs)."""
-    if config.data.layout not in ("packed", "packed_prefix_shared"):
-        return config.train.global_batch_size
-    pairs_per_row = data.load_task(_without_bench(config)).dpo_train["pair_mask"].sum(axis=1).mean()
-    return max(1, round(config.train.global_batch_size * float(pairs_per_row)))
+def mean_pairs_per_step(arrays, global_batch_size):
+    """Pairs a step of `global_batch_size` units of DPO `arrays` holds on average, rounded: a unit
+    holds one pair, or, packed, a varying number (its `pair_mask`)."""
+    pairs_per_unit = arrays["pair_mask"].sum(axis=1).mean() if "pair_mask" in arrays else 1.0
+    return max(1, round(global_batch_size * float(pairs_per_unit)))
 
 
-def _padded_pairs(config, total_steps):
-    """The token ids {prompt, chosen, rejected} of the pairs of `total_steps` TRL batches (of
-    `_trl_pairs_per_step` pairs) in the padded layout, in the order dpo_jax's loader serves them."""
+def _padded_pairs(config, total_steps, pairs_per_step):
+    """The token ids {prompt, chosen, rejected} of the pairs of `total_steps` TRL batches of
+    `pairs_per_step` pairs in the padded layout, in the order dpo_jax's loader serves them."""
     padded = _without_bench(config)
     padded.data.update(layout="padded", row_length=0, max_pairs_per_row=1)
     arrays = data.load_task(padded).dpo_train
     arrays = {**arrays, "example_id": np.arange(len(arrays["chosen_input_ids"]))}
-    pairs_per_step = _trl_pairs_per_step(config)
     batches = loader.train_batches(arrays, global_batch_size=pairs_per_step, seed=config.seed)
     pairs = []
     for index in range(total_steps):
@@ -728,13 +726,14 @@ def _padded_pairs(config, total_steps):
             pairs.append({"prompt_ids": ids["chosen"][:prompt_length],
                           **{f"{side}_ids": np.asarray(ids[side])[masks[side]].tolist()
                              for side in ("chosen", "rejected")}})
-    return pairs, pairs_per_step
+    return pairs
 
 
-def compare_trl(config, options):
-    """Runs TRL's DPOTrainer in a subprocess on the same pairs, tokenizer, architecture and batch."""
+def compare_trl(config, options, pairs_per_step):
+    """Runs TRL's DPOTrainer in a subprocess on the same pairs, tokenizer, architecture and batch
+    (`pairs_per_step`: dpo_jax's average, `mean_pairs_per_step`)."""
     trl_steps = options.trl_steps or options.steps
-    pairs, pairs_per_step = _padded_pairs(config, options.warmup_steps + trl_steps)
+    pairs = _padded_pairs(config, options.warmup_steps + trl_steps, pairs_per_step)
     c = config.model
     spec = {"pairs": pairs, "pairs_per_step": pairs_per_step, "warmup_steps": options.warmup_steps,
             "steps": trl_steps, "tokenizer": config.data.tokenizer, "max_length": config.data.max_length,

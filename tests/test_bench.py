@@ -49,7 +49,8 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
         assert result["trl"]["pairs_per_sec"] > 0 and result["trl_ratio"] > 0
         config = bench_hh.get_config("runlocal")
         bench._resolve(config, str(tmp_path))
-        assert result["trl"]["pairs_per_step"] == bench._trl_pairs_per_step(config)
+        arrays = data.load_task(bench._without_bench(config)).dpo_train
+        assert result["trl"]["pairs_per_step"] == bench.mean_pairs_per_step(arrays, config.train.global_batch_size)
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed_prefix_shared"])
@@ -58,18 +59,17 @@ def test_trl_steps_hold_as_many_pairs_as_a_dpo_jax_step_on_average(tmp_path, lay
     packed rows hold per step on average (fewer than they could hold at most)."""
     config = bench_hh.get_config(f"runlocal,synthetic,layout={layout}")
     bench._resolve(config, str(tmp_path))
-    trl_pairs_per_step = bench._trl_pairs_per_step(config)
+    arrays = data.load_task(bench._without_bench(config)).dpo_train
     units = config.train.global_batch_size
+    trl_pairs_per_step = bench.mean_pairs_per_step(arrays, units)
     if layout == "padded":
         assert trl_pairs_per_step == units
     else:  # every pair served in one epoch of dpo_jax's batches, counted
-        arrays = data.load_task(bench._without_bench(config)).dpo_train
         batches = loader.train_batches(arrays, global_batch_size=units, seed=config.seed)
         served = [int(batches[i]["pair_mask"].sum()) for i in range(len(arrays["pair_mask"]) // units)]
         assert trl_pairs_per_step == round(np.mean(served))
         assert units < trl_pairs_per_step < units * config.data.max_pairs_per_row
-    pairs, pairs_per_step = bench._padded_pairs(config, 3)
-    assert pairs_per_step == trl_pairs_per_step and len(pairs) == 3 * trl_pairs_per_step
+    assert len(bench._padded_pairs(config, 3, trl_pairs_per_step)) == 3 * trl_pairs_per_step
 
 
 def test_benchmark_levers_off_on_the_synthetic_task(tmp_path):

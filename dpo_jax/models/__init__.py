@@ -26,8 +26,8 @@ from dpo_jax.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_jax.models.transformer import Decoder, DecoderConfig
 
 __all__ = ["Decoder", "DecoderConfig", "ScalarModel", "Tokenizer", "abstract_model", "abstract_scalar_model", "apply",
-           "apply_scalar", "apply_token_logps", "decoder_config", "fold_adapters", "init_params", "init_scalar_params", "load_hf",
-           "load_tokenizer", "save_hf", "trainable_mask"]
+           "apply_scalar", "apply_token_logps", "decoder_config", "fold_adapters", "init_params", "init_scalar_params",
+           "load_hf", "load_tokenizer", "save_hf", "trainable_mask"]
 
 # Parameters are created abstractly and placed by jit out_shardings, not sharded eagerly by Flax.
 nnx.use_eager_sharding(False)
