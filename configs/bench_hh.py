@@ -29,14 +29,13 @@ from configs import common
 _SHARED_HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
                           "hh-rlhf")
 # layout -> (row_length, max_pairs_per_row, units per batch): about 8 pairs per step in each layout.
-# Packed rows hold at most 5 pairs: HH pairs take ~320 tokens packed and ~210 prefix-shared, so a
-# row of 1536 or 1024 slots holds 4.0 of them on average (17% padding). At most 4 per row, it held
-# 3.6 (26% padding): most rows were full by count, not by tokens.
+# HH pairs take ~320 tokens packed and ~210 prefix-shared, so two rows of 1280 or 832 slots hold 7.8
+# pairs on average, with 2% padding (`layouts.pack`); TRL's batch is that average, rounded (8).
 LAYOUT_BATCHES = {
     "padded": (0, 1, 8),
     "prefix_shared": (0, 1, 8),
-    "packed": (1536, 5, 2),
-    "packed_prefix_shared": (1024, 5, 2),
+    "packed": (1280, 5, 2),
+    "packed_prefix_shared": (832, 5, 2),
 }
 
 

@@ -228,8 +228,9 @@ def _validate_data(config):
            f"must be in (0, data.max_length={data.max_length}), got {data.max_prompt_length}")
     _check(data.num_train > 0 and data.num_eval > 0, "data.num_train", "num_train and num_eval must be > 0")
     _check(data.layout in layouts.LAYOUTS, "data.layout", f"{data.layout!r} is not one of {layouts.LAYOUTS}")
-    _check(data.row_length == 0 or data.row_length >= 2 * data.max_length, "data.row_length",
-           f"must be 0 or >= 2 * data.max_length = {2 * data.max_length} (so that any pair fits a row), "
+    # Rows shorter than 2 * max_length may not hold the longest pair: packing then names it.
+    _check(data.row_length == 0 or data.row_length >= data.max_length, "data.row_length",
+           f"must be 0 (2 * data.max_length, which fits any pair) or >= data.max_length = {data.max_length}, "
            f"got {data.row_length}")
     _check(data.max_pairs_per_row > 0, "data.max_pairs_per_row", f"must be > 0, got {data.max_pairs_per_row}")
     _check(data.on_bad_example in records.ON_BAD_EXAMPLE, "data.on_bad_example",

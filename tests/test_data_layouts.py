@@ -109,11 +109,29 @@ def test_pack_respects_capacity_and_item_limit_and_places_every_item():
     bins = layouts.pack(sizes, capacity=64, max_items=3)
     assert sorted(i for members in bins for i in members) == list(range(300))
     assert all(sum(sizes[i] for i in members) <= 64 and len(members) <= 3 for members in bins)
-    # Best fit decreasing never leaves two bins that could have been merged.
-    loads = sorted(sum(sizes[i] for i in members) for members in bins if len(members) == 1)
-    assert len(loads) < 2 or loads[0] + loads[1] > 64
-    with pytest.raises(ValueError, match="does not fit"):
-        layouts.pack([65], capacity=64, max_items=3)
+    # No more rows than best-fit decreasing, and one row fewer leaves worst-fit decreasing an item out.
+    order = sorted(range(300), key=lambda i: -sizes[i])
+    assert len(bins) <= len(layouts._best_fit_decreasing(sizes, order, 64, 3))
+    assert layouts._worst_fit_decreasing(sizes, order, 64, 3, len(bins) - 1) is None
+    # Rows in order of their first item, which is their largest.
+    firsts = [sizes[members[0]] for members in bins]
+    assert firsts == sorted(firsts, reverse=True)
+    assert all(sizes[members[0]] == max(sizes[i] for i in members) for members in bins)
+    with pytest.raises(layouts.ItemTooLongError, match="item 1 takes 65 tokens, more than a row of 64"):
+        layouts.pack([3, 65], capacity=64, max_items=3)
+    assert layouts.pack([], capacity=64, max_items=3) == []
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_pack_fills_rows_by_tokens_when_the_item_limit_allows(seed):
+    # Long-tailed sizes, like HH's pairs, five per row on average by tokens and five at most: filling
+    # rows one after another (best-fit decreasing) leaves the small items to rows full by count.
+    rng = np.random.default_rng(seed)
+    sizes = np.clip(rng.lognormal(np.log(50), 0.6, size=2000), 4, 250).astype(int).tolist()
+    capacity, max_items = int(5.2 * np.mean(sizes)), 5
+    bins = layouts.pack(sizes, capacity=capacity, max_items=max_items)
+    fewest = max(-(-len(sizes) // max_items), -(-sum(sizes) // capacity))  # by count and by tokens
+    assert len(bins) <= 1.03 * fewest  # best-fit decreasing: 1.19 * fewest
 
 
 def test_packing_cuts_padding():

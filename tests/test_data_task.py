@@ -53,6 +53,17 @@ def test_load_task_lays_out_every_pair_of_the_files(files_config, layout):
     assert task.report["sft preference_files/train"]["examples"] == 60
 
 
+def test_a_pair_longer_than_the_rows_names_the_data_and_the_row_length(files_config):
+    files_config.data.update(layout="packed", row_length=40)  # a row holds any sequence, not every pair
+    configuration.validate(files_config)
+    with pytest.raises(ValueError, match=r"preference_files/train \(dpo, layout 'packed'\): item \d+ takes \d+ "
+                                         r"tokens, more than a row of 40; raise config.data.row_length"):
+        data.load_task(files_config)
+    files_config.data.row_length = 39
+    with pytest.raises(ValueError, match="data.row_length"):
+        configuration.validate(files_config)
+
+
 def test_a_boundary_failure_names_file_and_line_or_is_skipped_and_reported(files_config, tmp_path):
     path = tmp_path / "train.jsonl"
     lines = path.read_text().splitlines()

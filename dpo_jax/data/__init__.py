@@ -134,11 +134,15 @@ def _layout_kwargs(data_config):
                 row_length=data_config.row_length or 2 * data_config.max_length)
 
 
-def _split_arrays(pairs, data_config, stage):
-    if stage == "dpo":
-        return layouts.pair_arrays(pairs, data_config.layout, **_layout_kwargs(data_config))
-    return layouts.sft_arrays([p["prompt"] for p in pairs], [p["chosen"] for p in pairs], data_config.layout,
-                              **_layout_kwargs(data_config))
+def _split_arrays(pairs, data_config, stage, where):
+    try:
+        if stage == "dpo":
+            return layouts.pair_arrays(pairs, data_config.layout, **_layout_kwargs(data_config))
+        return layouts.sft_arrays([p["prompt"] for p in pairs], [p["chosen"] for p in pairs], data_config.layout,
+                                  **_layout_kwargs(data_config))
+    except layouts.ItemTooLongError as error:
+        raise ValueError(f"{where} ({stage}, layout {data_config.layout!r}): {error}; raise config.data.row_length "
+                         f"(0 = 2 * data.max_length fits any pair)") from error
 
 
 def _check_vocab(pairs, vocab_size, where):
@@ -219,7 +223,7 @@ def _laid_out(parts, config, stage, evaluation, report):
     weights = list(data_config.weights) or [1.0] * len(parts)
     arrays_of_parts, num_truncated = [], 0
     for where, pairs in parts:
-        arrays = _split_arrays(pairs, data_config, stage)
+        arrays = _split_arrays(pairs, data_config, stage, where)
         entry = report[f"{stage} {where}"]
         entry.update(layouts.token_stats(arrays, len(pairs)))
         num_truncated += entry["truncated"]
@@ -325,7 +329,7 @@ def _pretrain_arrays(config, evaluation, tokenizer, report):
         num_truncated += truncated
         pairs.append(dict(prompt=prompt, chosen=responses[0]))
     _check_vocab(pairs, config.model.vocab_size, where)
-    arrays = _split_arrays(pairs, data_config, "sft")
+    arrays = _split_arrays(pairs, data_config, "sft", where)
     report[f"pretrain {where}"] = {"examples": len(pairs), "truncated": num_truncated, **entry,
                                    **layouts.token_stats(arrays, len(pairs))}
     return arrays, num_truncated
