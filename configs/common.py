@@ -167,7 +167,7 @@ def base_config():
         check_boundaries=True,                # assert ids(prompt) + ids(response) == ids(prompt + response)
         on_bad_example="error",               # error | skip: a bad record raises (naming file and line) or is counted
         layout="padded",                      # padded | packed | prefix_shared | packed_prefix_shared
-        row_length=0,                         # packed layouts: tokens per row (0: 2 * max_length, fits any pair)
+        row_length=0,                         # packed: tokens per row, >= max_length (0: 2 * max_length, fits any pair)
         max_pairs_per_row=8,                  # packed layouts: pairs per row at most (SFT: twice as many sequences)
         max_length=24,                        # tokens per sequence (prompt + response)
         max_prompt_length=12,                 # prompt tokens kept (truncated from the left, keeping a BOS)
