@@ -69,7 +69,8 @@ _TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this s
 # Metrics are read this many steps after their step was dispatched, as train.py does.
 METRICS_LAG = 2
 # bench.attention_block_size=-1 on CPU: blocks of 128 (queries x keys) skip most of a packed
-# 1024-slot row of ~250-token sequences while keeping each block's matmuls large enough to be efficient.
+# 832-slot row of ~210-token pairs (32 of 98 blocks visible per step's batch) while keeping each
+# block's matmuls large enough to be efficient (64-wide blocks measured the same).
 DEFAULT_CPU_ATTENTION_BLOCK = 128
 
 

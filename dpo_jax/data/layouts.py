@@ -129,10 +129,9 @@ def pack(sizes, *, capacity, max_items):
     """
     if not len(sizes):
         return []
-    largest = max(range(len(sizes)), key=lambda i: sizes[i])
-    if sizes[largest] > capacity:
-        raise ItemTooLongError(f"item {largest} takes {sizes[largest]} tokens, more than a row of {capacity}")
     order = sorted(range(len(sizes)), key=lambda i: -sizes[i])
+    if sizes[order[0]] > capacity:
+        raise ItemTooLongError(f"item {order[0]} takes {sizes[order[0]]} tokens, more than a row of {capacity}")
     best_fit = _best_fit_decreasing(sizes, order, capacity, max_items)
     worst_fit = lambda num_rows: _worst_fit_decreasing(sizes, order, capacity, max_items, num_rows)
     infeasible = max(-(-len(sizes) // max_items), -(-sum(sizes) // capacity)) - 1  # fewer rows never fit
