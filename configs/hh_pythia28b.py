@@ -16,17 +16,18 @@ tiny model; VADER judges (only to exercise the pipeline).
 
 import os
 
-from configs import common, paper
+from dpo_jax.configs import paper, parse_arg
 
 _SHARED_HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), os.pardir, "shared", "data",
                           "hh-rlhf")
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, model_dir="")
+    arg = parse_arg(arg, runlocal=False, model_dir="")
     config = paper.paper_config("pythia-2.8b", stages=("sft", "dpo"))
     config.model.init_from_hf = arg.model_dir
-    config.data.name = "hh_rlhf/helpful-base,hh_rlhf/harmless-base,hh_rlhf/helpful-online,hh_rlhf/helpful-rejection-sampled"
+    config.data.name = tuple(f"hh_rlhf/{subset}" for subset in ("helpful-base", "harmless-base", "helpful-online",
+                                                                  "helpful-rejection-sampled"))
     config.data.max_length = 512
     config.data.max_prompt_length = 256
     config.sft.num_steps = 2000
@@ -34,13 +35,13 @@ def get_config(arg=None):
     config.dpo.beta = 0.1
     config.mesh.fsdp = -1
     config.mesh.data = 1
-    config.evaluation.update(judge="", temperatures="0.25,0.5,0.75,1.0", samples_per_prompt=1, num_prompts=256,
+    config.evaluation.update(judge="", temperatures=(0.25, 0.5, 0.75, 1.0), samples_per_prompt=1, num_prompts=256,
                              max_new_tokens=256, batch_size=32)
 
     if arg.runlocal:
         config = paper.make_runlocal(config, max_length=64, max_prompt_length=48)
-        config.data.name = "hh_rlhf/harmless-base"
+        config.data.name = ("hh_rlhf/harmless-base",)
         config.data.manual_dir = _SHARED_HH if os.path.isdir(_SHARED_HH) else ""
         config.data.train_split = config.data.eval_split = "test"  # the split on disk
-        config.evaluation.update(judge="scorer:vader", temperatures="1.0")
+        config.evaluation.update(judge="scorer:vader", temperatures=(1.0,))
     return config

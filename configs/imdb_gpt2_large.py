@@ -15,14 +15,14 @@ Preferred-FT, Unlikelihood and Best-of-N for comparison, all evaluated on held-o
 classifier (no downloads).
 """
 
-from configs import common, paper
+from dpo_jax.configs import paper, parse_arg
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, model_dir="", classifier="")
+    arg = parse_arg(arg, runlocal=False, model_dir="", classifier="")
     config = paper.paper_config("gpt2-large", stages=("sft",))
     config.model.init_from_hf = arg.model_dir
-    config.data.name = "imdb_prefixes"
+    config.data.name = ("imdb_prefixes",)
     config.data.sft_split, config.data.sft_eval_split = "sft_train", "sft_test"
     config.data.max_length = 64           # prefix + completion, as the paper's short continuations
     config.data.max_prompt_length = 16
@@ -30,18 +30,18 @@ def get_config(arg=None):
     config.reward.num_steps = 1000
     config.dpo.num_steps = 2000
     config.ppo.update(num_steps=500, max_new_tokens=48, kl_coef=0.1)
-    config.evaluation.update(scorer=f"hf_classifier:{arg.classifier}" if arg.classifier else "", temperatures="1.0",
+    config.evaluation.update(scorer=f"hf_classifier:{arg.classifier}" if arg.classifier else "", temperatures=(1.0,),
                              samples_per_prompt=4, num_prompts=512, max_new_tokens=48, batch_size=64)
     config.experiment.update(
-        name="controlled_sentiment", samples_per_prompt=4, dpo_betas="0.05,0.1,1.0,5.0",
-        ppo_kl_coefs="0.01,0.05,0.1,0.2", ppo_gt_kl_coefs="0.05,0.1", preferred_ft=True, unlikelihood=True,
-        best_of_n="16,64,128")
+        name="controlled_sentiment", samples_per_prompt=4, dpo_betas=(0.05, 0.1, 1.0, 5.0),
+        ppo_kl_coefs=(0.01, 0.05, 0.1, 0.2), ppo_gt_kl_coefs=(0.05, 0.1), preferred_ft=True, unlikelihood=True,
+        best_of_n=(16, 64, 128))
 
     if arg.runlocal:  # the same pipeline on the generated reviews, tiny, scored by VADER
         config = paper.make_runlocal(config, max_length=40, max_prompt_length=16)
-        config.data.name = "synthetic"  # replaced by the generated corpus's files
+        config.data.name = ("synthetic",)  # replaced by the generated corpus's files
         config.evaluation.scorer = "vader"
         config.evaluation.num_prompts = 16
-        config.experiment.update(generate_corpus=True, corpus_reviews=400, num_pair_prompts=32, dpo_betas="0.1",
-                                 ppo_kl_coefs="0.05", ppo_gt_kl_coefs="", unlikelihood=False, best_of_n="2")
+        config.experiment.update(generate_corpus=True, corpus_reviews=400, num_pair_prompts=32, dpo_betas=(0.1,),
+                                 ppo_kl_coefs=(0.05,), ppo_gt_kl_coefs=(), unlikelihood=False, best_of_n=(2,))
     return config

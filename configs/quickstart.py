@@ -10,14 +10,14 @@ mood. Finishes in a few minutes on 2 CPU cores.
   python -m dpo_jax.bench --mode=state_memory --config=configs/quickstart.py:model=pythia-2.8b
 """
 
-from configs import common
+from dpo_jax.configs import base_config, model_config, parse_arg
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, model="")
-    config = common.base_config()
-    if arg.model:  # a preset of configs/common.py, e.g. `:model=gpt2` to plan memory with bench
-        config.model = common.model_config(arg.model)
+    arg = parse_arg(arg, runlocal=False, model="")
+    config = base_config()
+    if arg.model:  # a preset of dpo_jax/configs/presets.py, e.g. `:model=gpt2` to plan memory with bench
+        config.model = model_config(arg.model)
     if arg.runlocal:
         # Just enough to exercise every piece: used by the end-to-end tests.
         config.data.num_train = 256

@@ -14,13 +14,13 @@ to the SFT model, in <workdir>/results.md and <workdir>/frontier.png.
   python -m dpo_jax.main --config=configs/sentiment_frontier.py:runlocal --workdir=/tmp/frontier_tiny  # CI
 """
 
-from configs import common, paper
+from dpo_jax.configs import model_config, paper, parse_arg
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False)
+    arg = parse_arg(arg, runlocal=False)
     config = paper.paper_config("tiny", stages=("pretrain", "sft"))
-    config.model = common.model_config("tiny", vocab_size=1024, num_layers=2, embed_dim=128, num_heads=4,
+    config.model = model_config("tiny", vocab_size=1024, num_layers=2, embed_dim=128, num_heads=4,
                                        num_kv_heads=4, mlp_dim=512, max_position_embeddings=64)
     config.train.optimizer = "adamw"  # from scratch at this scale; RMSprop at 1e-6 is for fine-tuning large models
     config.train.global_batch_size = 64
@@ -37,16 +37,16 @@ def get_config(arg=None):
     config.eval.batch_size = 64
     config.checkpoint.every_steps = 100
 
-    config.evaluation.update(scorer="vader", temperatures="1.0", samples_per_prompt=4, num_prompts=256,
+    config.evaluation.update(scorer="vader", temperatures=(1.0,), samples_per_prompt=4, num_prompts=256,
                              max_new_tokens=24, batch_size=128)
     config.experiment.update(
         name="controlled_sentiment", generate_corpus=True, corpus_reviews=20000, samples_per_prompt=4,
-        num_pair_prompts=2000, dpo_betas="0.05,0.1,0.5,1.0", ppo_kl_coefs="0.01,0.05,0.1,0.2",
-        ppo_gt_kl_coefs="0.05", preferred_ft=True, unlikelihood=True, best_of_n="4,16")
+        num_pair_prompts=2000, dpo_betas=(0.05, 0.1, 0.5, 1.0), ppo_kl_coefs=(0.01, 0.05, 0.1, 0.2),
+        ppo_gt_kl_coefs=(0.05,), preferred_ft=True, unlikelihood=True, best_of_n=(4, 16))
 
     if arg.runlocal:  # every piece of the pipeline, tiny: the CI test
         config = paper.make_runlocal(config, max_length=40, max_prompt_length=16)
-        config.experiment.update(corpus_reviews=400, num_pair_prompts=32, dpo_betas="0.1", ppo_kl_coefs="0.05",
-                                 best_of_n="2")
+        config.experiment.update(corpus_reviews=400, num_pair_prompts=32, dpo_betas=(0.1,), ppo_kl_coefs=(0.05,),
+                                 best_of_n=(2,))
         config.evaluation.num_prompts = 16
     return config

@@ -15,15 +15,15 @@ or `scorer:<scorer spec>`. Download GPT-J (safetensors) first, then:
 command line, and VADER judges (only to exercise the pipeline).
 """
 
-from configs import common, paper
+from dpo_jax.configs import paper, parse_arg
 
 
 def get_config(arg=None):
-    arg = common.parse_arg(arg, runlocal=False, model_dir="")
+    arg = parse_arg(arg, runlocal=False, model_dir="")
     config = paper.paper_config("gpt-j-6b", stages=("sft", "dpo"))
     config.model.init_from_hf = arg.model_dir
     config.model.remat = True
-    config.data.name = "tldr_comparisons"
+    config.data.name = ("tldr_comparisons",)
     config.data.train_split, config.data.eval_split = "train", "validation"
     config.data.sft_split, config.data.sft_eval_split = "sft_train", "sft_validation"
     config.data.max_length = 640
@@ -33,10 +33,10 @@ def get_config(arg=None):
     config.dpo.beta = 0.5
     config.mesh.fsdp = -1
     config.mesh.data = 1
-    config.evaluation.update(judge="", temperatures="0,0.25,0.5,0.75,1.0", samples_per_prompt=1, num_prompts=256,
+    config.evaluation.update(judge="", temperatures=(0.0, 0.25, 0.5, 0.75, 1.0), samples_per_prompt=1, num_prompts=256,
                              max_new_tokens=128, batch_size=32)
 
     if arg.runlocal:
         config = paper.make_runlocal(config, max_length=64, max_prompt_length=48)
-        config.evaluation.update(judge="scorer:vader", temperatures="0,1.0")
+        config.evaluation.update(judge="scorer:vader", temperatures=(0.0, 1.0))
     return config

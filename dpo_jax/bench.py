@@ -49,12 +49,14 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dpo_jax import configuration, data, losses, models, reference, sharding, steps, train
-from dpo_jax.data import loader, tokenize
-from dpo_jax.models import transformer
+from dpo_jax import losses, models, planning, reference, sharding, stages, steps
+from dpo_jax.configs import bench_config, validation
+from dpo_jax.data import loader, task, tokenize
+from dpo_jax.metrics import METRICS_LAG
+from dpo_jax.models import sampling, transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_hh.py", "Config file.", lock_config=False)
-_MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory", "logps"], "What to measure.")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory", "logps", "sampling"], "What to measure.")
 _COMPARE = flags.DEFINE_enum("compare", "none", ["none", "trl"], "step mode: also time TRL's DPOTrainer.")
 _PLAN = flags.DEFINE_bool("plan", False, "Estimate memory and step time on --accelerator and --mesh.")
 _ACCELERATOR = flags.DEFINE_string("accelerator", "tpu-v5p", "--plan: tpu-v4 | tpu-v5e | tpu-v5p | h100.")
@@ -66,11 +68,8 @@ _AB_CONFIG = config_flags.DEFINE_config_file(
     "e.g. --ab_config=configs/bench_hh.py --ab_config.bench.prefetch=False.", lock_config=False)
 _TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this spec file and print JSON.")
 
-# Metrics are read this many steps after their step was dispatched, as train.py does.
-METRICS_LAG = 2
-# bench.attention_block_size=-1 on CPU: blocks of 128 (queries x keys) skip most of a packed
-# 832-slot row of ~210-token pairs (32 of 98 blocks visible per step's batch) while keeping each
-# block's matmuls large enough to be efficient (64-wide blocks measured the same).
+# bench.attention_block_size=-1 on CPU: blocks of 128 (queries x keys) skip most of a packed row
+# of prefix-shared HH pairs while keeping each block's matmuls large enough to be efficient.
 DEFAULT_CPU_ATTENTION_BLOCK = 128
 
 
@@ -173,7 +172,7 @@ def _state_bytes(abstract_state):
 
 def state_memory(config):
     mesh = sharding.make_mesh(config.mesh)
-    model = train.plan_model(config, mesh)
+    model = planning.plan_model(config, mesh)
     strategies = {"live float32": dict(reference="live", reference_dtype=""),
                   "live bfloat16": dict(reference="live", reference_dtype="bfloat16"),
                   "precomputed": dict(reference="precomputed", reference_dtype="")}
@@ -181,7 +180,7 @@ def state_memory(config):
     for name, overrides in strategies.items():
         variant = config.copy_and_resolve_references()
         variant.dpo.update(overrides)
-        results[name] = _state_bytes(train.plan_stage("dpo", variant, mesh, model).abstract_state)
+        results[name] = _state_bytes(stages.STAGES["dpo"].plan(variant, mesh, model).abstract_state)
         results[name]["total"] = sum(results[name].values())
     for name, parts in results.items():
         print(f"{name:<16}" + "  ".join(f"{part}={value / 2**20:,.1f} MiB" for part, value in parts.items()))
@@ -213,15 +212,56 @@ def logps_memory(config, vocab_sizes, repeats=3):
         embedding = jax.random.normal(keys[1], (vocab_size, width), jnp.float32) * 0.02
         labels = jax.random.randint(keys[2], (rows, row_length), 0, vocab_size)
         for name, fn in variants.items():
-            grad_fn = jax.jit(jax.grad(lambda h, e, fn=fn: fn(h, e, labels).sum(), argnums=(0, 1)))
+            grad_fn = jax.jit(jax.grad(lambda h, e, fn=fn, labels=labels: fn(h, e, labels).sum(), argnums=(0, 1)))
             compiled = grad_fn.lower(hidden, embedding).compile()
             results[f"{name} V={vocab_size}"] = {
                 "temp_bytes": compiled.memory_analysis().temp_size_in_bytes,
-                "seconds": _median_seconds(lambda: compiled(hidden, embedding), repeats)}
+                "seconds": _median_seconds(functools.partial(compiled, hidden, embedding), repeats)}
     print(f"{rows} rows x {row_length} tokens, width {width}: gradient of the sequence log-probs")
     for name, figures in results.items():
         print(f"  {name:<16}{figures['temp_bytes'] / 2**20:>10,.0f} MiB temporary{figures['seconds']:>9.3f} s")
     return {"mode": "logps", "rows": rows, "row_length": row_length, "results": results}
+
+
+# ---------------------------------------------------------------------------------------------
+# sampling
+# ---------------------------------------------------------------------------------------------
+
+def sampling_benchmark(config):
+    """Generation throughput of the KV-cache sampler with a randomly initialised `config.model` on the
+    default backend: `config.evaluation.batch_size` prompts of `config.data.max_prompt_length` random
+    tokens, `config.evaluation.max_new_tokens` tokens each (no EOS), at temperature 1.
+
+    Generates batch_size x max_new_tokens tokens after the prompts,
+    timing a second call (the first compiles). Returns a dict with `tokens_per_sec` (generated tokens
+    per second, prompt processing included) and `decode_tokens_per_sec` (the same without the
+    prompt: the time of a one-token generation subtracted), and the seconds behind them.
+    """
+    model_config, seed, temperature = config.model, config.seed, 1.0
+    batch_size, prompt_length = config.evaluation.batch_size, config.data.max_prompt_length
+    max_new_tokens = config.evaluation.max_new_tokens
+    graphdef, _, _ = models.abstract_model(model_config)
+    params = models.init_params(model_config, seed=seed, shardings=None)
+    prompts = np.random.RandomState(seed).randint(0, model_config.vocab_size, (batch_size, prompt_length))
+    lengths = np.full(batch_size, prompt_length)
+
+    def seconds(num_tokens):
+        timings = []
+        for _ in range(2):
+            start = time.perf_counter()
+            jax.block_until_ready(sampling.generate(graphdef, params, prompts, lengths, rng=jax.random.key(seed),
+                                           max_new_tokens=num_tokens, temperature=temperature,
+                                           length_bucket=prompt_length))
+            timings.append(time.perf_counter() - start)
+        return timings
+
+    compile_and_run, total = seconds(max_new_tokens)
+    _, prompt_only = seconds(1)
+    return dict(mode="sampling", backend=jax.default_backend(), batch_size=batch_size, prompt_length=prompt_length,
+                max_new_tokens=max_new_tokens, seconds=total, prompt_seconds=prompt_only,
+                compile_seconds=compile_and_run - total, tokens_per_sec=batch_size * max_new_tokens / total,
+                decode_tokens_per_sec=(batch_size * (max_new_tokens - 1) / (total - prompt_only)
+                                       if total > prompt_only else float("nan")))  # nan: lost in timing noise
 
 
 # ---------------------------------------------------------------------------------------------
@@ -274,8 +314,8 @@ def plan(config, accelerator_name, mesh_text):
     sizes = _parse_mesh(mesh_text, config.mesh)
     mesh = jax.sharding.AbstractMesh(tuple(sizes[a] for a in sharding.MESH_AXES), sharding.MESH_AXES,
                                      axis_types=(jax.sharding.AxisType.Auto,) * len(sharding.MESH_AXES))
-    model = train.plan_model(config, mesh)
-    stage = train.plan_stage("dpo", config, mesh, model)
+    model = planning.plan_model(config, mesh)
+    stage = stages.STAGES["dpo"].plan(config, mesh, model)
     state = _state_bytes(stage.abstract_state)
     decoder_config = models.decoder_config(config.model)
 
@@ -374,15 +414,15 @@ def _peak_memory():
 
 
 def _ensure_tokenizer(config, workdir):
-    """Real data without `data.tokenizer`: a byte-level BPE of model.vocab_size trained on the split
-    (prompt + chosen and prompt + rejected texts), cached in the workdir."""
+    """Real data without `data.tokenizer`: a byte-level BPE of model.vocab_size trained on the first
+    dataset's split (prompt + chosen and prompt + rejected texts), cached in the workdir."""
     data_config = config.data
-    if data_config.tokenizer or data_config.name == "synthetic":
+    if data_config.tokenizer or tuple(data_config.name) == ("synthetic",):
         return
-    name, split = data_config.name, data_config.train_split
+    name, split = data_config.name[0], data_config.train_split
     directory = os.path.join(workdir, f"bpe{config.model.vocab_size}-{name.replace('/', '-')}-{split}")
     if not os.path.exists(os.path.join(directory, "tokenizer.json")):
-        examples, _ = data.read_split(data.prepare(name, data_config), split, data_config)
+        examples, _ = task.read_split(task.prepare(name, data_config), split, data_config)
         texts = [e["prompt"] + e[side] for side in ("chosen", "rejected") for e in examples]
         tokenize.train_byte_level_bpe(texts, directory, vocab_size=config.model.vocab_size)
     data_config.tokenizer = directory
@@ -391,6 +431,7 @@ def _ensure_tokenizer(config, workdir):
 def _resolve(config, workdir):
     """The benchmark's config: DPO only, the compute dtype resolved, a tokenizer, validated."""
     options = config.bench
+    validation.normalize_lists(config)
     config.stages = ("dpo",)
     if options.compute_dtype == "auto":
         config.model.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
@@ -400,10 +441,10 @@ def _resolve(config, workdir):
     if block_size < 0:  # auto: XLA:CPU has no fused attention kernel to leave the masked blocks to
         block_size = DEFAULT_CPU_ATTENTION_BLOCK if jax.default_backend() == "cpu" else 0
     config.model.attention_block_size = block_size
-    if not config.data.data_dir and config.data.name != "synthetic":
+    if not config.data.data_dir and tuple(config.data.name) != ("synthetic",):
         config.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
     _ensure_tokenizer(config, workdir)
-    configuration.validate(_without_bench(config))
+    validation.validate(config)
 
 
 def _without_bench(config):
@@ -477,7 +518,7 @@ def _median_seconds(fn, repeats):
 def attention_seconds(decoder_config, batch, repeats):
     """Seconds of the policy's attention forward+backward in all layers (part of its forward+backward),
     on random q, k, v of the batch's rows with the model's mask of them, through its attention path."""
-    inputs = steps._model_inputs(steps._dpo_rows(batch))  # pylint: disable=protected-access
+    inputs = steps._model_inputs(steps._dpo_rows(batch))
     rows, row_length = inputs["segment_ids"].shape
     _, mask = transformer.positions_and_mask(decoder_config, (rows, row_length), inputs["positions"],
                                              inputs["segment_ids"], inputs["mask"])
@@ -547,10 +588,9 @@ def _prepare(config, num_batches):
     decoder_config = models.decoder_config(config.model)
     live = config.dpo.reference == "live"
     mesh = sharding.make_mesh(config.mesh)
-    model = train.plan_model(config, mesh)
-    stage = train.plan_stage("dpo", config, mesh, model)
-    task = data.load_task(config)
-    arrays = task.dpo_train
+    model = planning.plan_model(config, mesh)
+    stage = stages.STAGES["dpo"].plan(config, mesh, model)
+    arrays = task.load_task(config).pairs_train
     params = models.init_params(config.model, seed=config.seed, shardings=model.param_shardings)
     precompute_sec = None
     if not live:  # the reference pass over the data, once, before training
@@ -559,7 +599,7 @@ def _prepare(config, num_batches):
             {"train": arrays}, params, graphdef=model.graphdef, mesh=mesh, param_shardings=model.param_shardings,
             batch_size=config.eval.batch_size, cache_dir=os.path.join(options.workdir, "reference_logps"))["train"]
         precompute_sec = time.perf_counter() - started
-    state = jax.jit(stage.init_state, out_shardings=stage.state_shardings)(params)
+    state = planning.init_state(stage, params)
     del params
     batches = loader.train_batches(arrays, global_batch_size=config.train.global_batch_size, seed=config.seed)
     row_length = next(v for k, v in arrays.items() if k.endswith("input_ids")).shape[1]
@@ -571,12 +611,7 @@ def _prepare(config, num_batches):
         buckets.append(_bucket(host_batch, tuple(options.length_buckets), row_length))
         stats.append(batch_stats(_trim(host_batch, buckets[-1]), decoder_config, live))
 
-    step_fn = jax.jit(
-        functools.partial(steps.train_step, loss_fn=stage.loss_fn, optimizer=stage.optimizer,
-                          schedule=stage.schedule, micro_batches=config.train.grad_accum_steps),
-        in_shardings=(stage.state_shardings, sharding.batch_sharding(mesh)),
-        out_shardings=(stage.state_shardings, sharding.replicated(mesh)),
-        donate_argnums=0 if options.donate else ())
+    step_fn = planning.jit_train_step(stage, mesh, donate=options.donate)  # the step training jits
 
     def fetch(index):
         length = buckets[index]
@@ -712,7 +747,7 @@ def _padded_pairs(config, total_steps, pairs_per_step):
     `pairs_per_step` pairs in the padded layout, in the order dpo_jax's loader serves them."""
     padded = _without_bench(config)
     padded.data.update(layout="padded", row_length=0, max_pairs_per_row=1)
-    arrays = data.load_task(padded).dpo_train
+    arrays = task.load_task(padded).pairs_train
     arrays = {**arrays, "example_id": np.arange(len(arrays["chosen_input_ids"]))}
     batches = loader.train_batches(arrays, global_batch_size=pairs_per_step, seed=config.seed)
     pairs = []
@@ -757,10 +792,10 @@ def compare_trl(config, options, pairs_per_step):
 
 def trl_worker(spec_path):
     """TRL's DPOTrainer on CPU PyTorch, timed per optimizer step after warm-up (run in a subprocess)."""
-    import datasets  # pylint: disable=import-outside-toplevel
-    import torch  # pylint: disable=import-outside-toplevel
-    import transformers  # pylint: disable=import-outside-toplevel
-    import trl  # pylint: disable=import-outside-toplevel
+    import datasets
+    import torch
+    import transformers
+    import trl
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -815,7 +850,7 @@ def trl_worker(spec_path):
             "step_sec": seconds / spec["steps"], "steps": spec["steps"], "pairs_per_step": spec["pairs_per_step"],
             "torch_threads": torch.get_num_threads(),
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-            "attn_implementation": policy.config._attn_implementation,  # pylint: disable=protected-access
+            "attn_implementation": policy.config._attn_implementation,
             "peak_memory_bytes": _peak_rss()}
 
 
@@ -829,12 +864,13 @@ def main(argv):
         result = plan(config, _ACCELERATOR.value, _MESH.value)
     elif _MODE.value == "state_memory":
         result = state_memory(config)
+    elif _MODE.value == "sampling":
+        result = sampling_benchmark(config)
     elif _MODE.value == "logps":
         result = logps_memory(config, [int(size) for size in _LOGPS_VOCAB_SIZES.value])
     else:
         if "bench" not in config:  # a training config: the benchmark's default options
-            from configs import bench_hh  # pylint: disable=import-outside-toplevel
-            config.bench = bench_hh.bench_options()
+            config.bench = bench_config()
         if _AB_CONFIG.value is not None:
             other = _AB_CONFIG.value
             if "bench" not in other:
@@ -846,6 +882,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    sys.path.insert(0, ".")
     logging.set_verbosity(logging.WARNING)
     app.run(main)

@@ -12,14 +12,25 @@ One `CheckpointManager` per stage under `<workdir>/checkpoints/<stage>/`.
   deleted) and the next newest is tried.
 """
 
+import logging as std_logging
 import os
-import shutil
 import time
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
+
+from dpo_jax import storage
+
+
+def _orbax_warnings_only(record):
+    return "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
+
+
+def quiet_orbax_logs():
+    """Orbax logs every save and every checkpoint it opens at INFO: keep its warnings and errors only."""
+    logging.get_absl_logger().addFilter(_orbax_warnings_only)
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +66,7 @@ class StageCheckpoints:
 
     def __init__(self, directory, *, max_to_keep=None, save_every_steps=1, save_every_minutes=0.0,
                  best_metric="", best_mode="min"):
-        self.directory = os.path.abspath(directory)
+        self.directory = storage.absolute(directory)
         save_policies = [policies.FixedIntervalPolicy(save_every_steps), policies.PreemptionCheckpointingPolicy()]
         if save_every_minutes:
             save_policies.append(policies.ContinuousCheckpointingPolicy(
@@ -118,8 +129,7 @@ class StageCheckpoints:
         logging.warning("Checkpoint %s/%d does not restore (%s: %s); moved to %s, trying an older one",
                         self.directory, step, type(error).__name__, str(error).splitlines()[0][:300], target)
         if jax.process_index() == 0:
-            os.makedirs(quarantine, exist_ok=True)
-            shutil.move(os.path.join(self.directory, str(step)), target)
+            storage.move(os.path.join(self.directory, str(step)), target)
         self._manager.reload()
 
     def _restore_newest_good(self, restore_one):
@@ -155,7 +165,7 @@ class StageCheckpoints:
 
 def restore_params(directory, abstract_params):
     """The params of the newest checkpoint in a stage's checkpoint directory."""
-    if not os.path.isdir(directory):
+    if not storage.isdir(directory):
         raise CheckpointError(f"Checkpoint directory {directory} does not exist")
     checkpoints = StageCheckpoints(directory)
     try:

@@ -8,6 +8,10 @@
     rows = evaluation_rows("DPO beta=0.1", result)
     write_results(rows, out_dir); plot_frontier(rows, out_dir + "/frontier.png")
 
+    # A run's `config.evaluation`, as training ends with it and `python -m dpo_jax.evaluate` reruns it:
+    evaluate_run(config, task, graphdef, policy_params, reference_params, method="dpo", out_dir=workdir,
+                 scorer=scorer, judge=judge)
+
 - Controlled sentiment (IMDb): the reward-KL frontier: mean score of samples at temperature 1 against
   the sequence KL(pi || pi_ref), estimated from the same samples.
 - Summarisation (TL;DR) and dialogue (HH): win rates of samples against reference responses under a
@@ -21,15 +25,15 @@ the noise of different draws.
 """
 
 import functools
-import json
 import math
 import os
 from typing import NamedTuple
 
 import jax
 import numpy as np
+from absl import logging
 
-from dpo_jax import losses, metrics, models
+from dpo_jax import losses, metrics, models, storage
 from dpo_jax.models import sampling
 
 
@@ -79,12 +83,13 @@ class Samples(NamedTuple):
 
 
 def sample_responses(graphdef, params, prompt_ids, prompt_lengths, *, rng, temperature, samples_per_prompt,
-                     max_new_tokens, eos_ids, pad_id, batch_size):
+                     max_new_tokens, eos_ids, pad_id, batch_size, top_k=0, top_p=1.0):
     """`samples_per_prompt` responses to each prompt, by `sampling.generate`: `Samples`.
 
     prompt_ids: [prompts, width] right-padded; prompt_lengths: [prompts]. rng: one key; sample j of
     prompt i uses key i * samples_per_prompt + j of its split, so the samples depend on the key only
     (not on `batch_size` or the policy's other samples). batch_size: prompts per `generate` call.
+    top_k, top_p: `sampling.generate`'s truncation (0 and 1.0: off).
     """
     prompt_ids, prompt_lengths = np.asarray(prompt_ids), np.asarray(prompt_lengths)
     num_prompts = len(prompt_ids)
@@ -93,7 +98,7 @@ def sample_responses(graphdef, params, prompt_ids, prompt_lengths, *, rng, tempe
     def generate(batch_prompts, batch_lengths, batch_keys):
         return sampling.generate(graphdef, params, batch_prompts, batch_lengths,
                                  rng=jax.random.wrap_key_data(batch_keys), max_new_tokens=max_new_tokens,
-                                 temperature=temperature, eos_ids=eos_ids, pad_id=pad_id)
+                                 temperature=temperature, top_k=top_k, top_p=top_p, eos_ids=eos_ids, pad_id=pad_id)
 
     generation = map_batches(
         generate, (np.repeat(prompt_ids, samples_per_prompt, axis=0),
@@ -191,9 +196,9 @@ def evaluate_policy(graphdef, params, reference_params, prompt_ids, prompt_lengt
     """Samples responses at each temperature and scores them; estimates KL(pi || pi_ref).
 
     decode: token ids -> text (e.g. `tokenizer.decode`); scorer: (prompts, responses) -> scores
-    (`scorers.make_scorer`; None: no scores, e.g. for win rates only); judge and reference_responses (one text per prompt): win rates, the mean
-    of judge(prompt, sample, reference). reference_params: the reference model's params for the
-    same `graphdef` (None: no KL).
+    (`scorers.make_scorer`; None: no scores, e.g. for win rates only); judge and reference_responses
+    (one text per prompt): win rates, the mean of judge(prompt, sample, reference). reference_params:
+    the reference model's params for the same `graphdef` (None: no KL).
 
     Returns {"temperatures": {str(float(temperature)): {"score", "score_std", "response_length" (mean
     tokens, EOS included), "num_samples"[, "win_rate"]}}, "kl", "kl_standard_error"}: the KL from
@@ -224,6 +229,39 @@ def evaluate_policy(graphdef, params, reference_params, prompt_ids, prompt_lengt
         result["kl"], result["kl_standard_error"] = sequence_kl(
             sequence_logps(graphdef, params, *args, pad_id=pad_id),
             sequence_logps(graphdef, reference_params, *args, pad_id=pad_id))
+    return result
+
+
+def evaluate_run(config, task, graphdef, policy_params, reference_params, *, method, out_dir, scorer, judge):
+    """A run's sample evaluation, `config.evaluation`: the one that ends training (`train.py`) and the one
+    `python -m dpo_jax.evaluate` runs on a finished run, so that the two cannot differ.
+
+    `evaluate_policy` of the policy on the first `evaluation.num_prompts` held-out prompts of `task`
+    (`task.prompts_eval`), decoded by `task.tokenizer`, with the KL to `reference_params` (None: no KL)
+    and, with a judge, win rates against the prompts' reference (chosen) responses; sampled with
+    `config.seed`. scorer, judge: built from `config.evaluation.scorer` / `judge` (`scorers.make_scorer`,
+    `make_judge`; None when unset). Process 0 writes results.json and results.md (`evaluation_rows`
+    labelled `method`) and, with a judge, win_rates.png into `out_dir`. Returns the result.
+    """
+    tokenizer = task.tokenizer
+    if tokenizer is None:
+        raise ValueError("config.evaluation: sample evaluation scores the texts of responses, but this run has no "
+                         "tokenizer (the synthetic task is token ids; config.data.tokenizer is empty)")
+    evaluation_config = config.evaluation
+    prompts = {key: value[:evaluation_config.num_prompts] for key, value in task.prompts_eval.items()}
+    result = evaluate_policy(
+        graphdef, policy_params, reference_params, prompts["prompt_ids"], prompts["prompt_lengths"],
+        decode=tokenizer.decode, scorer=scorer, temperatures=list(evaluation_config.temperatures),
+        samples_per_prompt=evaluation_config.samples_per_prompt, max_new_tokens=evaluation_config.max_new_tokens,
+        eos_ids=tuple(tokenizer.eos_ids), pad_id=0, seed=config.seed, batch_size=evaluation_config.batch_size,
+        judge=judge, reference_responses=[tokenizer.decode(ids[:length].tolist()) for ids, length in
+                                          zip(prompts["reference_ids"], prompts["reference_lengths"])])
+    logging.info("sample evaluation: %s", result)
+    if jax.process_index() == 0:  # results.json / results.md, and with a judge win_rates.png
+        rows = evaluation_rows(method, result)
+        write_results(rows, out_dir)
+        if judge is not None:
+            plot_win_rates(rows, storage.join(out_dir, "win_rates.png"))
     return result
 
 
@@ -283,26 +321,23 @@ def _json_value(value):
 def write_results(rows, out_dir):
     """Writes `results.json` (the rows) and `results.md` (a Markdown table, one line per row, of
     the scalar fields, the leading columns first) into `out_dir`; returns their paths."""
-    os.makedirs(out_dir, exist_ok=True)
     json_path, markdown_path = os.path.join(out_dir, "results.json"), os.path.join(out_dir, "results.md")
-    with open(json_path, "w", encoding="utf-8") as f:
-        json.dump(rows, f, indent=2, default=_json_value)
+    storage.write_json(json_path, rows, only_process_zero=False, sort_keys=False, default=_json_value)
     columns = [column for column in _LEADING_COLUMNS if any(column in row for row in rows)]
     for row in rows:
         columns += [key for key, value in row.items()
                     if key not in columns and isinstance(value, (str, int, float, np.number, type(None)))]
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(_table_cell(row.get(column)) for column in columns) + " |" for row in rows]
-    with open(markdown_path, "w", encoding="utf-8") as f:
-        f.write("\n".join(lines) + "\n")
+    storage.write_text(markdown_path, "\n".join(lines) + "\n", only_process_zero=False)
     return json_path, markdown_path
 
 
 def _figure():
     try:
-        from matplotlib.figure import Figure  # pylint: disable=import-outside-toplevel
+        from matplotlib.figure import Figure
     except ImportError as error:
-        raise ImportError("Plots need matplotlib: pip install -e .[repro]") from error
+        raise ImportError("Plots need matplotlib: pip install 'dpo_jax[repro]'") from error
     # A bare Figure renders PNGs with Agg and leaves pyplot's global backend and state alone.
     figure = Figure(figsize=(6, 4.5), layout="constrained")
     return figure, figure.subplots()
@@ -323,7 +358,7 @@ def _plot_by_method(rows, path, x_key, y_key, *, x_label, y_label, title, chance
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
-    figure.savefig(path, dpi=150)
+    storage.write_bytes(path, lambda f: figure.savefig(f, format="png", dpi=150), only_process_zero=False)
     return path
 
 

@@ -18,16 +18,19 @@ piece where it stopped, and finished pieces are read back rather than recomputed
 """
 
 import copy
-import json
+import functools
 import os
+import tempfile
 
 import jax
 import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpointing, configuration, data, evaluation, scorers, sharding, train
-from dpo_jax.data import reviews, tokenize
+from dpo_jax import checkpointing, evaluation, planning, scorers, sharding, storage, train
+from dpo_jax.configs import validation
+from dpo_jax.data import reviews, task, tokenize
+from dpo_jax.workdir import bind_workdir
 
 EXPERIMENTS = ("controlled_sentiment",)
 
@@ -36,10 +39,10 @@ def run(config, workdir):
     """Runs the experiment `config.experiment.name` in `workdir`; returns its results rows."""
     if config.experiment.name not in EXPERIMENTS:
         raise ValueError(f"config.experiment.name: {config.experiment.name!r} is not one of {EXPERIMENTS}")
-    configuration.validate(config)
-    os.makedirs(workdir, exist_ok=True)
+    validation.validate(config)
+    storage.makedirs(workdir)
     if jax.process_index() == 0:
-        configuration.bind_workdir(config, workdir)
+        bind_workdir(config, workdir)
     return _controlled_sentiment(config, workdir)
 
 
@@ -60,10 +63,6 @@ def _sub_config(config, stages, **overrides):
     return sub
 
 
-def _floats(text):
-    return [float(value) for value in text.split(",") if value.strip()]
-
-
 def _run(config, workdir, name):
     logging.info("experiment: run %s in %s", name, workdir)
     return train.run(config, workdir)
@@ -80,18 +79,24 @@ def _controlled_sentiment(config, workdir):
     if experiment.generate_corpus:
         corpus_dir = os.path.join(workdir, "corpus")
         if jax.process_index() == 0:
-            reviews.write_corpus(corpus_dir, num_pretrain=experiment.corpus_reviews,
-                                 num_sft_train=experiment.corpus_reviews // 5,
-                                 num_sft_eval=config.evaluation.num_prompts, seed=config.seed,
-                                 vocab_size=config.model.vocab_size)
+            write = functools.partial(reviews.write_corpus, num_pretrain=experiment.corpus_reviews,
+                                      num_sft_train=experiment.corpus_reviews // 5,
+                                      num_sft_eval=config.evaluation.num_prompts, seed=config.seed,
+                                      vocab_size=config.model.vocab_size)
+            if storage.is_remote(corpus_dir):  # generated on local disk (deterministic), then uploaded
+                with tempfile.TemporaryDirectory() as local:
+                    write(local)
+                    storage.upload_tree(local, corpus_dir)
+            else:
+                write(corpus_dir)
         _sync("corpus written")
         data_overrides = {
-            "data.name": "preference_files", "data.tokenizer": os.path.join(corpus_dir, "tokenizer"),
+            "data.name": ("preference_files",), "data.tokenizer": os.path.join(corpus_dir, "tokenizer"),
             "data.data_dir": os.path.join(workdir, "tensorflow_datasets"),
-            "data.pretrain_files": os.path.join(corpus_dir, "pretrain.jsonl"),
-            "data.pretrain_eval_files": os.path.join(corpus_dir, "pretrain_eval.jsonl"),
-            "data.sft_train_files": os.path.join(corpus_dir, "sft_train.jsonl"),
-            "data.sft_eval_files": os.path.join(corpus_dir, "sft_eval.jsonl"),
+            "data.pretrain_files": (os.path.join(corpus_dir, "pretrain.jsonl"),),
+            "data.pretrain_eval_files": (os.path.join(corpus_dir, "pretrain_eval.jsonl"),),
+            "data.sft_train_files": (os.path.join(corpus_dir, "sft_train.jsonl"),),
+            "data.sft_eval_files": (os.path.join(corpus_dir, "sft_eval.jsonl"),),
             "data.sft_split": "sft_train", "data.sft_eval_split": "sft_test"}
 
     # ------------------------------------------------------------------------- base (SFT) run
@@ -103,9 +108,9 @@ def _controlled_sentiment(config, workdir):
     # ------------------------------------------------------------------------- pairs
     tokenizer = tokenize.load(base_config.data.tokenizer or base_config.model.init_from_hf)
     mesh = sharding.make_mesh(config.mesh)
-    model = train.plan_model(config, mesh)
+    model = planning.plan_model(config, mesh)
     sft_params = checkpointing.restore_params(sft_checkpoints, model.abstract_params)
-    prompt_task = data.load_task(_sub_config(base_config, ("ppo",)))
+    prompt_task = task.load_task(_sub_config(base_config, ("ppo",)))
     pairs_dir = os.path.join(workdir, "pairs")
     pair_scorer = scorers.make_scorer(pair_scorer_spec)
     pair_files = {}
@@ -115,8 +120,8 @@ def _controlled_sentiment(config, workdir):
             prompts = {key: value[:experiment.num_pair_prompts] for key, value in prompts.items()}
         pair_files[split] = _write_pairs(os.path.join(pairs_dir, f"{split}.jsonl"), model.graphdef, sft_params,
                                          prompts, tokenizer, pair_scorer, config, seed)
-    pair_data = {**data_overrides, "data.name": "preference_files", "data.train_files": pair_files["train"],
-                 "data.eval_files": pair_files["test"], "data.on_bad_example": "skip",
+    pair_data = {**data_overrides, "data.name": ("preference_files",), "data.train_files": (pair_files["train"],),
+                 "data.eval_files": (pair_files["test"],), "data.on_bad_example": "skip",
                  "data.tokenizer": base_config.data.tokenizer}
 
     # ------------------------------------------------------------------------- reward model
@@ -128,13 +133,13 @@ def _controlled_sentiment(config, workdir):
     evaluated = {**pair_data, "evaluation.scorer": config.evaluation.scorer}
     methods = []  # (method, setting, stages, overrides)
     methods += [("DPO", f"beta={beta:g}", ("dpo",), {"dpo.beta": beta, "dpo.init_from": sft_checkpoints})
-                for beta in _floats(experiment.dpo_betas)]
+                for beta in experiment.dpo_betas]
     methods += [("PPO", f"kl_coef={coef:g}", ("ppo",), {"ppo.kl_coef": coef, "ppo.init_from": sft_checkpoints,
                                                         "ppo.reward_from": reward_checkpoints})
-                for coef in _floats(experiment.ppo_kl_coefs)]
+                for coef in experiment.ppo_kl_coefs]
     methods += [("PPO-GT", f"kl_coef={coef:g}", ("ppo",), {"ppo.kl_coef": coef, "ppo.init_from": sft_checkpoints,
                                                            "ppo.reward": pair_scorer_spec})
-                for coef in _floats(experiment.ppo_gt_kl_coefs)]
+                for coef in experiment.ppo_gt_kl_coefs]
     if experiment.preferred_ft:
         methods.append(("Preferred-FT", "", ("sft",), {"sft.init_from": sft_checkpoints}))
     if experiment.unlikelihood:
@@ -199,12 +204,7 @@ def _write_pairs(path, graphdef, params, prompts, tokenizer, scorer, config, see
     if not records:
         raise ValueError(f"No preference pairs: every sampled completion of {len(prompt_texts)} prompts scored the "
                          "same (is the SFT model trained, and does the scorer separate its completions?)")
-    if jax.process_index() == 0:  # every process sampled the same pairs; one writes them
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            for record in records:
-                f.write(json.dumps(record) + "\n")
-        os.replace(path + ".tmp", path)
+    storage.write_jsonl(path, records)  # every process sampled the same pairs; process 0 writes them
     _sync(f"{path} written")
     logging.info("experiment: %d pairs from %d prompts in %s", len(records), len(prompt_texts), path)
     return path
@@ -215,8 +215,7 @@ def _sft_and_best_of_n(config, workdir, model, sft_params, prompts, tokenizer, m
     against the reward model, cached in <workdir>/baselines.json."""
     path = os.path.join(workdir, "baselines.json")
     if os.path.exists(path):
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return storage.read_json(path)
     evaluation_config = config.evaluation
     prompts = {key: value[:evaluation_config.num_prompts] for key, value in prompts.items()}
     scorer = scorers.make_scorer(evaluation_config.scorer)
@@ -228,22 +227,19 @@ def _sft_and_best_of_n(config, workdir, model, sft_params, prompts, tokenizer, m
                                      **common)
     rows = [_row("SFT", "", sft)]
     if config.experiment.best_of_n:
-        reward_plan = train.plan_model(config, mesh, scalar_head=True)
+        reward_plan = planning.plan_model(config, mesh, scalar_head=True)
         reward_params = checkpointing.restore_params(reward_checkpoints, reward_plan.abstract_params)
         reward_scorer = scorers.RewardModelScorer(reward_plan.graphdef, reward_params, tokenizer,
                                                   max_length=config.data.max_length,
                                                   max_prompt_length=config.data.max_prompt_length,
                                                   batch_size=evaluation_config.batch_size)
-        for n in _floats(config.experiment.best_of_n):
+        for n in config.experiment.best_of_n:
             result = evaluation.best_of_n(model.graphdef, sft_params, prompts["prompt_ids"], prompts["prompt_lengths"],
                                           n=int(n), decode=tokenizer.decode, reward_scorer=reward_scorer, scorer=scorer,
                                           **common)
             rows.append({"method": "Best-of-N", "setting": f"N={int(n)}", "kl": result["kl"],
                          "score": result["score"], "score_std": result.get("score_std")})
-    if jax.process_index() == 0:
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            json.dump(rows, f, indent=2)
-        os.replace(path + ".tmp", path)
+    storage.write_json(path, rows, sort_keys=False)
     _sync("baselines written")
     return rows
 

@@ -8,15 +8,13 @@ safetensors shards and, when the run started from `model.init_from_hf`, that che
 and generation files. transformers, vLLM and other serving stacks load the result directly.
 """
 
-import json
 import os
 
 import jax
-import ml_collections
 from absl import app, flags, logging
 from flax import nnx
 
-from dpo_jax import checkpointing, models, sharding
+from dpo_jax import checkpointing, models, restore, sharding, storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).", required=True)
@@ -27,25 +25,17 @@ flags.DEFINE_string("dtype", None, "Cast the weights, e.g. bfloat16 (default: as
 flags.DEFINE_integer("max_shard_mb", 5 * 1024, "Largest safetensors shard, in MiB.")
 
 
-def read_config(workdir):
-    path = os.path.join(workdir, "config.json")
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"{workdir} is not a dpo_jax workdir: it has no config.json")
-    with open(path, encoding="utf-8") as f:
-        return ml_collections.ConfigDict(json.load(f))
-
-
 def last_trained_stage(workdir, config):
     """The last stage of `config.stages` with a checkpoint directory."""
     for stage in reversed(list(config.stages)):
-        if os.path.isdir(os.path.join(workdir, "checkpoints", stage)):
+        if storage.isdir(os.path.join(workdir, "checkpoints", stage)):
             return stage
     raise FileNotFoundError(f"{workdir}/checkpoints holds no checkpoint of the stages {list(config.stages)}")
 
 
 def export(workdir, out, *, stage=None, dtype=None, max_shard_bytes=5 * 2**30):
     """Writes the policy of `stage`'s newest checkpoint in `workdir` to `out`; returns the stage."""
-    config = read_config(workdir)
+    config = restore.read_config(workdir)
     stage = stage or last_trained_stage(workdir, config)
     graphdef, abstract_params, logical_specs = models.abstract_model(config.model)
     # Parameters split over every local device (FSDP), so a model larger than one device exports.

@@ -49,6 +49,20 @@ def token_logps(logits: Array, labels: Array) -> Array:
     return label_logits - jax.nn.logsumexp(logits, axis=-1)
 
 
+def token_logps_and_stats(logits: Array, labels: Array) -> Tuple[Array, Dict[str, Array]]:
+    """`token_logps` and, per position and without gradient, statistics of the prediction: `logit_mean`
+    (the mean logit over the vocabulary: TRL's `logits/*`), `entropy` of the softmax, and `correct`
+    (1.0 where the most likely token is the label: TRL's `mean_token_accuracy`)."""
+    logits = logits.astype(jnp.float32)
+    label_logits = jnp.take_along_axis(logits, labels[..., None], axis=-1)[..., 0]
+    log_normalizer = jax.nn.logsumexp(logits, axis=-1)
+    probs = jnp.exp(logits - log_normalizer[..., None])
+    stats = {"logit_mean": jnp.mean(logits, axis=-1),
+             "entropy": log_normalizer - jnp.sum(probs * logits, axis=-1),
+             "correct": (jnp.argmax(logits, axis=-1) == labels).astype(jnp.float32)}
+    return label_logits - log_normalizer, jax.lax.stop_gradient(stats)
+
+
 def _reduce(masked_sums: Array, mask: Array, average: bool) -> Array:
     if average:
         return masked_sums / jnp.maximum(jnp.sum(mask, axis=-1), 1.0)
@@ -100,9 +114,10 @@ def chunked_sequence_logps(inputs: Array, labels: Array, loss_mask: Array, *, av
 
 
 def scored_token_logps(hidden: Array, labels: Array, loss_mask: Array, logits_fn: Callable[[Array], Array], *,
-                       chunk_size: int = 128) -> Array:
+                       chunk_size: int = 128, with_stats: bool = False):
     """`token_logps(logits_fn(hidden), labels)` where `loss_mask` is set, 0 elsewhere: [batch, time]
-    float32, computing logits only for the scored positions, `chunk_size` of them at a time.
+    float32, computing logits only for the scored positions, `chunk_size` of them at a time. With
+    `with_stats`, also `token_logps_and_stats`' statistics, shaped and zeroed the same way.
 
     Each row's scored positions are gathered to its front (in order), and only the chunks of
     `chunk_size` columns where some row still has a scored position are computed: a loop of as
@@ -125,32 +140,50 @@ def scored_token_logps(hidden: Array, labels: Array, loss_mask: Array, logits_fn
     # The weights `logits_fn` closes over become explicit inputs, so that they get gradients.
     chunk_logits_fn, weights = jax.closure_convert(logits_fn, hidden_chunks[0])
     num_scored_chunks = -(-jnp.max(scored_per_row) // chunk_size)
-    chunks = _scored_chunk_logps(chunk_logits_fn, num_scored_chunks, hidden_chunks, label_chunks, *weights)
-    gathered = jnp.moveaxis(chunks, 0, 1).reshape(batch, -1)[:, :time]
-    gathered = jnp.where(jnp.arange(time) < scored_per_row[:, None], gathered, 0.0)
-    return jnp.zeros((batch, time), jnp.float32).at[jnp.arange(batch)[:, None], order].set(
-        gathered, unique_indices=True)
+    chunks = _scored_chunk_logps(chunk_logits_fn, with_stats, num_scored_chunks, hidden_chunks, label_chunks,
+                                 *weights)
+
+    def scattered(per_chunk):  # [chunks, batch, chunk] in gathered order -> [batch, time], 0 where unscored
+        gathered = jnp.moveaxis(per_chunk, 0, 1).reshape(batch, -1)[:, :time]
+        gathered = jnp.where(jnp.arange(time) < scored_per_row[:, None], gathered, 0.0)
+        return jnp.zeros((batch, time), jnp.float32).at[jnp.arange(batch)[:, None], order].set(
+            gathered, unique_indices=True)
+
+    if with_stats:
+        logps, stats = chunks
+        return scattered(logps), {name: scattered(values) for name, values in stats.items()}
+    return scattered(chunks)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _scored_chunk_logps(logits_fn, num_chunks, hidden_chunks, label_chunks, *weights):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _scored_chunk_logps(logits_fn, with_stats, num_chunks, hidden_chunks, label_chunks, *weights):
     """[chunks, batch, chunk] float32 token log-probs of `logits_fn(hidden_chunks[i], *weights)` for
-    the first `num_chunks` (traced) chunks, 0 in the others, which are never computed."""
-    return _scored_chunk_logps_fwd(logits_fn, num_chunks, hidden_chunks, label_chunks, *weights)[0]
+    the first `num_chunks` (traced) chunks, 0 in the others, which are never computed; `with_stats`:
+    (log-probs, {statistics}) of `token_logps_and_stats`, the statistics without gradient."""
+    return _scored_chunk_logps_fwd(logits_fn, with_stats, num_chunks, hidden_chunks, label_chunks, *weights)[0]
 
 
-def _scored_chunk_logps_fwd(logits_fn, num_chunks, hidden_chunks, label_chunks, *weights):
-    def chunk(i, logps):
-        return logps.at[i].set(token_logps(logits_fn(hidden_chunks[i], *weights), label_chunks[i]))
+def _scored_chunk_logps_fwd(logits_fn, with_stats, num_chunks, hidden_chunks, label_chunks, *weights):
+    zeros = jnp.zeros(label_chunks.shape, jnp.float32)
 
-    logps = jax.lax.fori_loop(0, num_chunks, chunk, jnp.zeros(label_chunks.shape, jnp.float32))
-    return logps, (num_chunks, hidden_chunks, label_chunks, weights)
+    def chunk(i, outputs):
+        logits = logits_fn(hidden_chunks[i], *weights)
+        if not with_stats:
+            return outputs.at[i].set(token_logps(logits, label_chunks[i]))
+        logps, stats = token_logps_and_stats(logits, label_chunks[i])
+        return outputs[0].at[i].set(logps), {name: outputs[1][name].at[i].set(stats[name]) for name in stats}
+
+    init = (zeros, {name: zeros for name in ("logit_mean", "entropy", "correct")}) if with_stats else zeros
+    outputs = jax.lax.fori_loop(0, num_chunks, chunk, init)
+    return outputs, (num_chunks, hidden_chunks, label_chunks, weights)
 
 
-def _scored_chunk_logps_bwd(logits_fn, residuals, logps_grad):
+def _scored_chunk_logps_bwd(logits_fn, with_stats, residuals, output_grads):
     """The same loop backwards: each chunk's logits recomputed and differentiated on the spot, so the
-    weights' gradient sums the computed chunks only (no zero gradients of skipped ones)."""
+    weights' gradient sums the computed chunks only (no zero gradients of skipped ones). The
+    statistics have no gradient."""
     num_chunks, hidden_chunks, label_chunks, weights = residuals
+    logps_grad = output_grads[0] if with_stats else output_grads
 
     def chunk(i, grads):
         hidden_grads, weight_grads = grads

@@ -4,18 +4,14 @@ Any config value can be overridden, e.g. `--config.dpo.beta=0.05`. Running again
 workdir resumes from its latest checkpoints.
 """
 
-import logging as std_logging
 import os
 import sys
 
-# Config files import `configs.common`; make the repository's `configs/` importable from anywhere.
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+from absl import app, flags, logging
+from ml_collections import config_flags
 
-import jax  # noqa: E402
-from absl import app, flags, logging  # noqa: E402
-from ml_collections import config_flags  # noqa: E402
-
-from dpo_jax import checkpointing, experiment, train  # noqa: E402
+from dpo_jax import checkpointing, experiment, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
@@ -52,15 +48,10 @@ def _maybe_initialize_distributed():
                                    process_id=_PROCESS_ID.value)
 
 
-def _quiet_orbax(record):
-    """Orbax logs every save step at INFO; keep its warnings and errors only."""
-    return "/orbax/" not in record.pathname or record.levelno >= std_logging.WARNING
-
-
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-    logging.get_absl_logger().addFilter(_quiet_orbax)
+    checkpointing.quiet_orbax_logs()
     _maybe_initialize_distributed()
     logging.info("JAX %s on %s: %d devices, process %d of %d", jax.__version__, jax.default_backend(),
                  jax.device_count(), jax.process_index(), jax.process_count())
@@ -87,7 +78,13 @@ def main(argv):
 
 
 def run():
-    """Console script `dpo-jax`."""
+    """Console script `dpo-jax` (and `python -m dpo_jax.main`)."""
+    # absl's help lists the flags of the module that sys.argv[0] names, which for a console script
+    # is its launcher: give it this module's flags.
+    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
+        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
+    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):  # asked for: not an error (absl exits 1)
+        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
     app.run(main)
 
 

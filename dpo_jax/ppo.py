@@ -199,7 +199,7 @@ def _rollout(params, ref_params, batch, sample_key, *, graphdef, value_graphdef,
     params, ref_params = jax.lax.stop_gradient((params, ref_params))
     prompt_ids, prompt_lengths = batch["prompt_ids"], batch["prompt_lengths"]
     num_prompts = prompt_ids.shape[0]
-    generation = sampling._generate(  # pylint: disable=protected-access  (the jittable sampler)
+    generation = sampling.generate_traced(
         graphdef, params["policy"], prompt_ids, prompt_lengths, jax.random.split(sample_key, num_prompts),
         max_new_tokens=ppo_config.max_new_tokens, temperature=float(ppo_config.temperature), top_k=0, top_p=1.0,
         eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id), use_lora=True)

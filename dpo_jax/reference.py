@@ -15,7 +15,7 @@ import numpy as np
 import tqdm
 from absl import logging
 
-from dpo_jax import fingerprints, sharding, steps
+from dpo_jax import fingerprints, sharding, steps, storage
 from dpo_jax.data import loader
 
 
@@ -38,20 +38,16 @@ def with_reference_logps(splits, params, *, graphdef, mesh, param_shardings, bat
         f"{name}:{fingerprints.arrays_fingerprint(arrays)}" for name, arrays in sorted(splits.items())
     ]).encode()).hexdigest()[:32]
     path = os.path.join(cache_dir, f"{key}.npz")
-    if os.path.exists(path):
+    if storage.exists(path):
         logging.info("Reference log-probs from %s", path)
-        with np.load(path) as cached:
+        with storage.open_file(path, "rb") as f, np.load(f) as cached:
             logps = {name: {k[len(name) + 1:]: cached[k] for k in cached.files if k.startswith(name + "/")}
                      for name in splits}
     else:
         logps = {name: _compute(arrays, params, graphdef=graphdef, mesh=mesh, param_shardings=param_shardings,
                                 batch_size=batch_size, desc=f"reference log-probs ({name})")
                  for name, arrays in splits.items()}
-        if jax.process_index() == 0:
-            os.makedirs(cache_dir, exist_ok=True)
-            flat = {f"{name}/{k}": v for name, split in logps.items() for k, v in split.items()}
-            with open(path + ".tmp", "wb") as f:
-                np.savez(f, **flat)
-            os.replace(path + ".tmp", path)
-            logging.info("Reference log-probs written to %s", path)
+        flat = {f"{name}/{k}": v for name, split in logps.items() for k, v in split.items()}
+        storage.write_bytes(path, lambda f: np.savez(f, **flat))
+        logging.info("Reference log-probs written to %s", path)
     return {name: {**arrays, **logps[name]} for name, arrays in splits.items()}

@@ -30,6 +30,7 @@ imported at the top: JAX, transformers and torch are imported by the scorers tha
 
 import argparse
 import functools
+import importlib.util
 import json
 import math
 import os
@@ -102,9 +103,9 @@ def command_scorer(command):
 def vader_scorer():
     """VADER's compound sentiment score of each response, in [-1, 1]; the prompt is not scored."""
     try:
-        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer  # pylint: disable=import-outside-toplevel
+        from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer
     except ImportError as error:
-        raise ImportError("The vader scorer needs the vaderSentiment package: pip install -e .[repro]") from error
+        raise ImportError("The vader scorer needs the vaderSentiment package: pip install 'dpo_jax[repro]'") from error
     analyzer = SentimentIntensityAnalyzer()
 
     def score(prompts, responses):
@@ -137,11 +138,13 @@ class HFClassifierScorer:
 
     def __init__(self, model_dir, label=None, *, batch_size=32, device=None):
         try:
-            import torch  # pylint: disable=import-outside-toplevel
-            import transformers  # pylint: disable=import-outside-toplevel
+            import torch
+            import transformers
         except ImportError as error:
-            raise ImportError("The hf_classifier scorer needs transformers and torch: pip install -e .[parity]") \
+            raise ImportError("The hf_classifier scorer needs transformers and torch: pip install 'dpo_jax[parity]'") \
                 from error
+        from dpo_jax import storage
+        model_dir = storage.local_copy(model_dir)  # transformers reads local directories
         self._torch = torch
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         self.batch_size = batch_size
@@ -171,8 +174,10 @@ class HFClassifierScorer:
 
 def _split_label(argument):
     """`<model dir>[@label]` -> (model dir, label or None); a directory whose name holds an @ stays whole."""
+    from dpo_jax import storage
+
     model_dir, separator, label = argument.rpartition("@")
-    if not separator or os.path.isdir(argument) or not label or os.sep in label:
+    if not separator or storage.isdir(argument) or not label or os.sep in label:
         return argument, None
     return model_dir, label
 
@@ -192,10 +197,10 @@ class RewardModelScorer:
 
     def __init__(self, graphdef, params, tokenizer, *, max_length, batch_size=64, max_prompt_length=None):
         """graphdef, params: the ScalarModel's (params {"decoder", "head"}); tokenizer: a `dpo_jax.models.Tokenizer`."""
-        import jax  # pylint: disable=import-outside-toplevel
+        import jax
 
-        from dpo_jax import models  # pylint: disable=import-outside-toplevel
-        from dpo_jax.models.scalar import last_token_scores  # pylint: disable=import-outside-toplevel
+        from dpo_jax import models
+        from dpo_jax.models.scalar import last_token_scores
 
         self.params, self.tokenizer = params, tokenizer
         self.max_length, self.batch_size = max_length, batch_size
@@ -213,22 +218,21 @@ class RewardModelScorer:
         """The newest reward checkpoint of a run; `path` is its workdir or its `checkpoints/reward`
         directory. The model, tokenizer and lengths come from the run's config.json. `mesh`: shard
         the parameters over it (default: replicated on every device)."""
-        import ml_collections  # pylint: disable=import-outside-toplevel
+        import ml_collections
 
-        from dpo_jax import checkpointing, sharding, train  # pylint: disable=import-outside-toplevel
-        from dpo_jax.data import tokenize  # pylint: disable=import-outside-toplevel
+        from dpo_jax import checkpointing, planning, sharding, storage
+        from dpo_jax.data import tokenize
 
-        path = os.path.abspath(path)
-        if os.path.isfile(os.path.join(path, "config.json")):
+        path = storage.absolute(path)
+        if storage.isfile(os.path.join(path, "config.json")):
             workdir, checkpoint_dir = path, os.path.join(path, "checkpoints", "reward")
         else:
             workdir, checkpoint_dir = os.path.dirname(os.path.dirname(path)), path
         config_path = os.path.join(workdir, "config.json")
-        if not os.path.isfile(config_path):
+        if not storage.isfile(config_path):
             raise FileNotFoundError(f"reward_model:{path}: expected a dpo_jax workdir (with config.json) or its "
                                     f"checkpoints/reward directory, but {config_path} does not exist")
-        with open(config_path, encoding="utf-8") as f:
-            config = ml_collections.ConfigDict(json.load(f))
+        config = ml_collections.ConfigDict(storage.read_json(config_path))
         tokenizer_path = config.data.tokenizer or config.model.init_from_hf
         if not tokenizer_path:
             raise ValueError(f"The run in {workdir} has no tokenizer (data.tokenizer and model.init_from_hf are "
@@ -236,14 +240,14 @@ class RewardModelScorer:
                              "...) with one")
         if mesh is None:  # the parameters replicated on every device
             mesh = sharding.make_mesh(dict(dcn=1, data=-1, fsdp=1, tensor=1))
-        plan = train.plan_model(config, mesh, scalar_head=True)
+        plan = planning.plan_model(config, mesh, scalar_head=True)
         params = checkpointing.restore_params(checkpoint_dir, plan.abstract_params)
         return cls(plan.graphdef, params, tokenize.load(tokenizer_path), max_length=config.data.max_length,
                    max_prompt_length=config.data.max_prompt_length, batch_size=batch_size)
 
     def _token_rows(self, prompts, responses):
         """Padded rows {input_ids, segment_ids} [n, max_length] of prompt + response, as in training."""
-        from dpo_jax.data import layouts, records, tokenize  # pylint: disable=import-outside-toplevel
+        from dpo_jax.data import layouts, records, tokenize
 
         examples = [dict(prompt=prompt, chosen=response, rejected="", prompt_messages=[], source=f"sample {index}")
                     for index, (prompt, response) in enumerate(zip(prompts, responses))]
@@ -258,7 +262,7 @@ class RewardModelScorer:
         return rows
 
     def __call__(self, prompts, responses):
-        from dpo_jax import evaluation  # pylint: disable=import-outside-toplevel
+        from dpo_jax import evaluation
 
         _check_same_length(prompts, responses)
         if not prompts:
@@ -272,6 +276,30 @@ class RewardModelScorer:
 # ---------------------------------------------------------------------------------------------
 # Specs
 # ---------------------------------------------------------------------------------------------
+
+# The packages a kind of scorer imports when it is built, and the extra of setup.py that installs them.
+_REQUIREMENTS = {"vader": (("vaderSentiment",), "repro"), "hf_classifier": (("transformers", "torch"), "parity")}
+
+
+def check_spec(spec, key, *, judge=False):
+    """Raises ValueError naming `config.<key>` if a scorer (or `judge`) spec is unknown or needs a package
+    that is not installed, so that a run fails before it trains rather than when it evaluates."""
+    kind, _, argument = spec.partition(":")
+    kind_names = lambda kinds: {known.partition(":")[0] for known in kinds}
+    if judge:
+        if kind not in kind_names(JUDGE_KINDS) or not argument:
+            raise ValueError(f"config.{key}: unknown judge spec {spec!r}; known kinds: {', '.join(JUDGE_KINDS)}")
+        if kind == "command":
+            return
+        spec, (kind, _, argument) = argument, argument.partition(":")
+    if not (spec == "vader" or (kind in kind_names(SCORER_KINDS) - {"vader"} and argument)):
+        raise ValueError(f"config.{key}: unknown scorer spec {spec!r}; known kinds: {', '.join(SCORER_KINDS)}")
+    modules, extra = _REQUIREMENTS.get("vader" if spec == "vader" else kind, ((), ""))
+    missing = [module for module in modules if importlib.util.find_spec(module) is None]
+    if missing:
+        raise ValueError(f"config.{key}={spec!r} needs {' and '.join(missing)}, which is not installed: "
+                         f"pip install 'dpo_jax[{extra}]'")
+
 
 def make_scorer(spec, *, mesh=None):
     """The scorer of a spec string (module docstring); `mesh` places a reward model's parameters."""

@@ -18,7 +18,6 @@ MESH_AXES = ("dcn", "data", "fsdp", "tensor")  # dcn: data parallel across TPU s
 BATCH_AXES = ("dcn", "data", "fsdp")
 
 LOGICAL_AXIS_RULES = {
-    "batch": BATCH_AXES,
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",

@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dpo_jax import configuration, losses, models
+from dpo_jax import losses, models
 from dpo_jax.data import layouts
 
 
@@ -79,7 +79,8 @@ def _prefix_shared_mask(segment_ids, branch_ids):
     length = segment_ids.shape[1]
     causal = jnp.tril(jnp.ones((length, length), bool))
     same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    visible_branch = (branch_ids[:, None, :] == layouts.PROMPT_BRANCH) | (branch_ids[:, :, None] == branch_ids[:, None, :])
+    visible_branch = ((branch_ids[:, None, :] == layouts.PROMPT_BRANCH)
+                      | (branch_ids[:, :, None] == branch_ids[:, None, :]))
     return causal & same_segment & visible_branch
 
 
@@ -98,11 +99,18 @@ def _shifted_logits(graphdef, params, batch, prefix="", *, use_lora=True):
     return logits[:, :-1], batch[prefix + "input_ids"][:, 1:], batch[prefix + "loss_mask"][:, 1:]
 
 
-def _token_logps(graphdef, params, batch, *, use_lora=True):
+def _token_logps(graphdef, params, batch, *, use_lora=True, with_stats=False):
     """[rows, T-1] log-probs of tokens 1..T-1 where the loss mask scores them (0 elsewhere); with the
-    model's `logits_chunk_size`, only those tokens' logits are computed (`models.apply_token_logps`)."""
+    model's `logits_chunk_size`, only those tokens' logits are computed (`models.apply_token_logps`).
+    `with_stats`: also their prediction statistics (`losses.token_logps_and_stats`)."""
     return models.apply_token_logps(graphdef, params, **_model_inputs(batch), loss_mask=batch["loss_mask"],
-                                    use_lora=use_lora)
+                                    use_lora=use_lora, with_stats=with_stats)
+
+
+def _token_metrics(stats, num_tokens):
+    """TRL's token-level metrics of scored tokens' statistics: the share predicted right, and the entropy."""
+    return {"mean_token_accuracy": jnp.sum(stats["correct"]) / jnp.maximum(num_tokens, 1.0),
+            "entropy": jnp.sum(stats["entropy"]) / jnp.maximum(num_tokens, 1.0)}
 
 
 def _pair_rows(batch):
@@ -183,8 +191,9 @@ def sft_loss(params, ref_params, batch, rng, *, graphdef):
     """Mean next-token NLL over the response tokens of the batch."""
     del ref_params, rng
     num_tokens = jnp.sum(batch["loss_mask"][:, 1:].astype(jnp.float32))
-    nll = -jnp.sum(_token_logps(graphdef, params, batch)) / jnp.maximum(num_tokens, 1.0)
-    return nll, ({"nll": nll}, num_tokens)
+    token_logps, stats = _token_logps(graphdef, params, batch, with_stats=True)
+    nll = -jnp.sum(token_logps) / jnp.maximum(num_tokens, 1.0)
+    return nll, ({"nll": nll, **_token_metrics(stats, num_tokens)}, num_tokens)
 
 
 def _mean_over_pairs(pair_loss, inputs, batch):
@@ -201,11 +210,36 @@ def _mean_over_pairs(pair_loss, inputs, batch):
     return losses.masked_mean(per_example, pair_mask), (metrics, jnp.sum(pair_mask))
 
 
+def preference_options(dpo_config):
+    """`losses.preference_loss` keyword arguments of a `config.dpo` block: beta, label smoothing, the loss
+    type (several make a mixture) and the variant options that are set (unset ones are None or empty)."""
+    options = {key: value for key, value in dpo_config.loss_options.items() if value not in (None, ())}
+    loss_type = tuple(dpo_config.loss_type)
+    return dict(beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing,
+                loss_type=loss_type if len(loss_type) > 1 else loss_type[0], **options)
+
+
+def _prediction_metrics(stats, batch, rows):
+    """TRL's `logits/chosen`, `logits/rejected` (the mean logit of each pair's response tokens),
+    `mean_token_accuracy` and `entropy` (over both responses' tokens), averaged over the batch's
+    pairs (packed: the real ones)."""
+    chosen_lengths, rejected_lengths = _pair_lengths(batch, rows)
+    chosen_logits, rejected_logits = _pair_sums(stats["logit_mean"], batch, rows)
+    per_pair = {"logits/chosen": chosen_logits / jnp.maximum(chosen_lengths, 1.0),
+                "logits/rejected": rejected_logits / jnp.maximum(rejected_lengths, 1.0)}
+    for name, key in (("mean_token_accuracy", "correct"), ("entropy", "entropy")):
+        chosen, rejected = _pair_sums(stats[key], batch, rows)
+        per_pair[name] = (chosen + rejected) / jnp.maximum(chosen_lengths + rejected_lengths, 1.0)
+    pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32) if "pair_mask" in batch else None
+    return {name: values.mean() if pair_mask is None else losses.masked_mean(values, pair_mask)
+            for name, values in per_pair.items()}
+
+
 def _preference_loss(policy_token_logps, reference_logps, rows, batch, dpo_config):
     """Loss and metrics averaged over the batch's pairs (packed: the real ones), and their number."""
     policy_chosen, policy_rejected = _pair_sums(policy_token_logps, batch, rows)
     chosen_lengths, rejected_lengths = _pair_lengths(batch, rows)
-    options = dict(beta=dpo_config.beta, label_smoothing=dpo_config.label_smoothing, **configuration.loss_arguments(dpo_config))
+    options = preference_options(dpo_config)
     inputs = (policy_chosen, policy_rejected, *reference_logps, chosen_lengths, rejected_lengths)
 
     def pair_loss(policy_chosen, policy_rejected, reference_chosen, reference_rejected, chosen_lengths,
@@ -221,7 +255,9 @@ def dpo_loss(params, ref_params, batch, rng, *, graphdef, dpo_config):
     del rng
     rows = _dpo_rows(batch)
     reference_logps = _reference_pair_logps(graphdef, params, ref_params, batch, rows, dpo_config)
-    return _preference_loss(_token_logps(graphdef, params, rows), reference_logps, rows, batch, dpo_config)
+    token_logps, stats = _token_logps(graphdef, params, rows, with_stats=True)
+    loss, (metrics, weight) = _preference_loss(token_logps, reference_logps, rows, batch, dpo_config)
+    return loss, ({**metrics, **_prediction_metrics(stats, batch, rows)}, weight)
 
 
 def reward_pair_scores(params, batch, *, graphdef):
@@ -256,6 +292,26 @@ def unlikelihood_loss(params, ref_params, batch, rng, *, graphdef, alpha):
 
     return _mean_over_pairs(
         pair_loss, (chosen_logps, rejected_log_one_minus, chosen_lengths, rejected_lengths, rejected_logps), batch)
+
+
+def _row_logps(graphdef, params, batch, prefix="", *, use_lora=True):
+    """Summed response log-probs [rows] of a batch's padded rows whose keys start with `prefix`."""
+    rows = {key: batch[prefix + key] for key in ("input_ids", "loss_mask", "segment_ids")}
+    return jnp.sum(_token_logps(graphdef, params, rows, use_lora=use_lora).astype(jnp.float32), axis=1)
+
+
+def kto_loss(params, ref_params, batch, rng, *, graphdef, kto_config):
+    """KTO on unpaired examples (`losses.kto_loss`) against a live frozen reference: each row's
+    completion, and for the KL reference point the same prompt with a mismatched completion
+    (`kl_*` rows, no gradient)."""
+    del rng
+    reference = jax.lax.stop_gradient(ref_params)
+    per_example, metrics = losses.kto_loss(
+        _row_logps(graphdef, params, batch), _row_logps(graphdef, reference, batch), batch["desirable"],
+        _row_logps(graphdef, jax.lax.stop_gradient(params), batch, "kl_"),
+        _row_logps(graphdef, reference, batch, "kl_"), beta=kto_config.beta,
+        desirable_weight=kto_config.desirable_weight, undesirable_weight=kto_config.undesirable_weight)
+    return per_example.mean(), (metrics, jnp.asarray(per_example.shape[0], jnp.float32))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -363,6 +419,10 @@ def unlikelihood_eval_step(params, ref_params, batch, *, graphdef, alpha):
     return _loss_metrics(unlikelihood_loss, params, ref_params, batch, graphdef=graphdef, alpha=alpha)
 
 
+def kto_eval_step(params, ref_params, batch, *, graphdef, kto_config):
+    return _loss_metrics(kto_loss, params, ref_params, batch, graphdef=graphdef, kto_config=kto_config)
+
+
 def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
     """DPO metrics plus, with a live reference, `kl`: exact KL(policy || reference) summed over
     each response, averaged over sequences (from full logits of both models)."""
@@ -373,35 +433,12 @@ def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
     reference, use_lora = _reference(params, ref_params, dpo_config)
     reference_logits, _, _ = _shifted_logits(graphdef, reference, rows, use_lora=use_lora)
     reference_logps = _pair_sums(losses.token_logps(reference_logits, labels), batch, rows)
-    loss, (metrics, _) = _preference_loss(losses.token_logps(logits, labels), reference_logps, rows, batch,
-                                          dpo_config)
+    token_logps, stats = losses.token_logps_and_stats(logits, labels)  # summed over scored tokens only
+    loss, (metrics, _) = _preference_loss(token_logps, reference_logps, rows, batch, dpo_config)
+    metrics = {**metrics, **_prediction_metrics(stats, batch, rows)}
     # Per-token KL: sequence_kl over a time axis of length one, then summed per response.
     token_kl = losses.sequence_kl(logits[:, :, None], reference_logits[:, :, None], jnp.ones(labels.shape + (1,)))
     chosen_kl, rejected_kl = _pair_sums(token_kl, batch, rows)
     pair_mask = batch["pair_mask"].reshape(-1).astype(jnp.float32) if "pair_mask" in batch else 1.0
     return {**metrics, "loss": loss,
             "kl": losses.masked_mean((chosen_kl + rejected_kl) / 2, pair_mask * jnp.ones_like(chosen_kl))}
-
-
-def stage_functions(stage, graphdef, config):
-    """(loss_fn, eval_fn) of a stage, closed over the model graph and the stage's config.
-
-    `graphdef` is the decoder's, except for "reward", where it is the scalar model's
-    (`models.abstract_scalar_model`). "pretrain" is next-token training on whole texts: its batches
-    are SFT batches whose loss mask covers every token after the first, so it is the SFT loss.
-    """
-    if stage in ("sft", "pretrain"):
-        return (functools.partial(sft_loss, graphdef=graphdef),
-                functools.partial(sft_eval_step, graphdef=graphdef))
-    if stage == "dpo":
-        return (functools.partial(dpo_loss, graphdef=graphdef, dpo_config=config.dpo),
-                functools.partial(dpo_eval_step, graphdef=graphdef, dpo_config=config.dpo))
-    if stage == "reward":
-        return (functools.partial(reward_loss, graphdef=graphdef),
-                functools.partial(reward_eval_step, graphdef=graphdef))
-    if stage == "unlikelihood":
-        alpha = config.unlikelihood.alpha
-        return (functools.partial(unlikelihood_loss, graphdef=graphdef, alpha=alpha),
-                functools.partial(unlikelihood_eval_step, graphdef=graphdef, alpha=alpha))
-    raise ValueError(f"stage={stage!r} has no loss here: steps.stage_functions knows sft, pretrain, dpo, reward "
-                     f"and unlikelihood (ppo has its own step functions)")

@@ -4,34 +4,53 @@
 #   bash launch/local_multiprocess.sh 2 -- python -m dpo_jax.main --config=configs/quickstart.py:runlocal --workdir=/tmp/mp
 # Each process gets JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID (read by dpo_jax.main).
 # Set XLA_FLAGS=--xla_force_host_platform_device_count=K for K CPU devices per process.
-# --dry-run prints the commands instead of running them. Process i's output is prefixed with [i].
+# Options, in any order before `--` (the command follows `--`): NUM_PROCESSES, --port PORT (or
+# --port=PORT; default $PORT or a random one), --dry-run (print the N commands, one per line, ready
+# to paste into bash, and run nothing). Process i's output is prefixed with [i].
 set -euo pipefail
 usage="usage: $0 NUM_PROCESSES [--dry-run] [--port PORT] -- command ..."
-[ $# -ge 1 ] || { echo "$usage" >&2; exit 2; }
-num_processes="$1"; shift
-[[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || { echo "NUM_PROCESSES must be a positive integer: $usage" >&2; exit 2; }
-dry_run=0; port="${PORT:-$((20000 + RANDOM % 20000))}"
+
+# One word quoted for bash (plain words as they are; control characters as $'...').
+quote() {
+  local word=$1 q rest out=""
+  printf -v q '%q' "$word"
+  if [ "$q" = "$word" ] && [ -n "$word" ]; then printf '%s' "$word"; return; fi
+  case "$word" in *[[:cntrl:]]*) printf '%s' "$q"; return ;; esac
+  rest=$word
+  while [[ "$rest" == *"'"* ]]; do out+="${rest%%"'"*}'\\''"; rest=${rest#*"'"}; done
+  printf "'%s'" "$out$rest"
+}
+
+num_processes=""; dry_run=0; port="${PORT:-$((20000 + RANDOM % 20000))}"
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do
   case "$1" in
-    --dry-run) dry_run=1; shift ;;
-    --port) port="$2"; shift 2 ;;
-    *) echo "unknown option $1: $usage" >&2; exit 2 ;;
+    --dry-run) dry_run=1 ;;
+    --port=*) port="${1#*=}" ;;
+    --port) [ $# -ge 2 ] || { echo "--port needs a value: $usage" >&2; exit 2; }; port="$2"; shift ;;
+    -h|--help) echo "$usage"; exit 0 ;;
+    -*) echo "unknown option $1: $usage" >&2; exit 2 ;;
+    *)
+      [ -z "$num_processes" ] || { echo "unexpected argument $1: $usage" >&2; exit 2; }
+      num_processes="$1" ;;
   esac
+  shift
 done
 [ "${1:-}" = "--" ] && shift
+[[ "$num_processes" =~ ^[1-9][0-9]*$ ]] || { echo "NUM_PROCESSES must be a positive integer: $usage" >&2; exit 2; }
+[[ "$port" =~ ^[1-9][0-9]*$ ]] && [ "$port" -le 65535 ] || { echo "PORT must be a port number: $usage" >&2; exit 2; }
 [ $# -gt 0 ] || { echo "no command: $usage" >&2; exit 2; }
 
 pids=()
 for ((i = 0; i < num_processes; i++)); do
-  env_vars="JAX_COORDINATOR_ADDRESS=localhost:$port JAX_NUM_PROCESSES=$num_processes JAX_PROCESS_ID=$i"
+  env_vars=("JAX_COORDINATOR_ADDRESS=localhost:$port" "JAX_NUM_PROCESSES=$num_processes" "JAX_PROCESS_ID=$i")
   if [ "$dry_run" = 1 ]; then
-    echo "$env_vars $*"
+    line="${env_vars[*]}"; for word in "$@"; do line+=" $(quote "$word")"; done
+    printf '%s\n' "$line"
     continue
   fi
-  # shellcheck disable=SC2086
-  (env $env_vars "$@" 2>&1 | sed -u "s/^/[$i] /") &
+  (env "${env_vars[@]}" "$@" 2>&1 | sed -u "s/^/[$i] /") &
   pids+=($!)
 done
 status=0
-for pid in "${pids[@]}"; do wait "$pid" || status=$?; done
+for pid in ${pids[@]+"${pids[@]}"}; do wait "$pid" || status=$?; done
 exit "$status"

@@ -1,4 +1,4 @@
-"""Shared test setup: the repository root on sys.path (for `configs`), and small helpers."""
+"""Shared test setup: the run configs of `configs/` loaded by path, and small helpers."""
 
 import json
 import os
@@ -8,8 +8,18 @@ import sys
 import pytest
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, REPO)
 SHARED_DATA = os.path.join(os.path.dirname(REPO), "shared", "data")
+
+
+def config_path(name):
+    """The path of run config `configs/<name>.py`."""
+    return os.path.join(REPO, "configs", f"{name}.py")
+
+
+def run_config(name, arg=None):
+    """`get_config(arg)` of `configs/<name>.py`, loaded by its path (`dpo_jax.configs.load_config`)."""
+    from dpo_jax.configs import load_config  # pylint: disable=import-outside-toplevel
+    return load_config(config_path(name) + (f":{arg}" if arg else ""))
 
 
 def run_python(args, *, env=None, check=True, timeout=600):
@@ -24,8 +34,7 @@ def run_python(args, *, env=None, check=True, timeout=600):
 
 @pytest.fixture
 def tiny_config():
-    from configs import quickstart
-    return quickstart.get_config("runlocal")
+    return run_config("quickstart", "runlocal")
 
 
 def workdir_records(workdir, drop=("tokens_per_sec",)):

@@ -12,9 +12,9 @@ import sys
 import jax
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
+from loss_cases import BATCH, all_cases, policy_gradients, random_inputs
 
 from dpo_jax import losses
-from loss_cases import BATCH, all_cases, policy_gradients, random_inputs
 
 DEVICES = 8
 PER_DEVICE = BATCH  # the single-device shape the other loss tests compile

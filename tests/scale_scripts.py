@@ -7,18 +7,19 @@ import json
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import jax
+import numpy as np
 
-import jax  # noqa: E402
-import numpy as np  # noqa: E402
+from dpo_jax import checkpointing, fingerprints, models, planning, sharding, stages, steps
+from dpo_jax.configs import load_config
+from dpo_jax.data import loader
+from dpo_jax.data.task import load_task
 
-from configs import quickstart  # noqa: E402
-from dpo_jax import checkpointing, data, fingerprints, sharding, steps, train  # noqa: E402
-from dpo_jax.data import loader  # noqa: E402
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.py")
 
 
 def _tiny():
-    config = quickstart.get_config("runlocal")
+    config = load_config(QUICKSTART + ":runlocal")
     config.model.embed_dim = 64  # every sharded dimension divisible by 8
     return config
 
@@ -30,11 +31,11 @@ def state_bytes_per_device():
     for count in (1, 2, 4, 8):
         config.mesh.data, config.mesh.fsdp = 1, count
         mesh = sharding.make_mesh(config.mesh, jax.devices()[:count])
-        model = train.plan_model(config, mesh)
-        plan = train.plan_stage("dpo", config, mesh, model)
+        model = planning.plan_model(config, mesh)
+        plan = stages.STAGES["dpo"].plan(config, mesh, model)
         params = jax.jit(lambda: jax.tree.map(lambda p: jax.numpy.zeros(p.shape, p.dtype), model.abstract_params),
                          out_shardings=model.param_shardings)()
-        state = jax.jit(plan.init_state, out_shardings=plan.state_shardings)(params)
+        state = planning.init_state(plan, params)
         results[count] = sharding.bytes_per_device(state)
     return results
 
@@ -43,11 +44,11 @@ def pmap_matches_jit():
     """Two DPO steps with the pmap form over 8 devices and with jit on one device: the parameters."""
     config = _tiny()
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    model = train.plan_model(config, mesh)
-    plan = train.plan_stage("dpo", config, mesh, model)
-    task = data.load_task(config)
-    batches = loader.train_batches(task.dpo_train, global_batch_size=config.train.global_batch_size, seed=0)
-    params = train.models.init_params(config.model, seed=0, shardings=model.param_shardings)
+    model = planning.plan_model(config, mesh)
+    plan = stages.STAGES["dpo"].plan(config, mesh, model)
+    task = load_task(config)
+    batches = loader.train_batches(task.pairs_train, global_batch_size=config.train.global_batch_size, seed=0)
+    params = models.init_params(config.model, seed=0, shardings=model.param_shardings)
 
     jit_step = jax.jit(lambda s, b: steps.train_step(s, b, loss_fn=plan.loss_fn, optimizer=plan.optimizer,
                                                      schedule=plan.schedule))
@@ -73,7 +74,7 @@ def restore_fingerprint(directory):
     config = _tiny()
     config.mesh.data, config.mesh.fsdp = 1, -1
     mesh = sharding.make_mesh(config.mesh)
-    model = train.plan_model(config, mesh)
+    model = planning.plan_model(config, mesh)
     params = checkpointing.restore_params(directory, model.abstract_params)
     shards = {str(leaf.sharding.spec) for leaf in jax.tree.leaves(params)}
     return {"fingerprint": fingerprints.params_fingerprint(params), "devices": jax.device_count(),

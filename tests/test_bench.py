@@ -11,12 +11,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import SHARED_DATA, config_path, run_config, run_python
 from flax import nnx
 
-from configs import bench_hh, quickstart
-from conftest import SHARED_DATA, run_python
-from dpo_jax import bench, data, models, steps
+from dpo_jax import bench, models, steps
 from dpo_jax.data import layouts, loader
+from dpo_jax.data.task import load_task
 from dpo_jax.models import transformer
 
 HH_DIR = os.path.join(SHARED_DATA, "hh-rlhf")
@@ -47,9 +47,9 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "bpe512-hh_rlhf-harmless-base-test", "tokenizer.json"))
     if with_trl:
         assert result["trl"]["pairs_per_sec"] > 0 and result["trl_ratio"] > 0
-        config = bench_hh.get_config("runlocal")
+        config = run_config("bench_hh", "runlocal")
         bench._resolve(config, str(tmp_path))
-        arrays = data.load_task(bench._without_bench(config)).dpo_train
+        arrays = load_task(bench._without_bench(config)).pairs_train
         assert result["trl"]["pairs_per_step"] == bench.mean_pairs_per_step(arrays, config.train.global_batch_size)
 
 
@@ -57,9 +57,9 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
 def test_trl_steps_hold_as_many_pairs_as_a_dpo_jax_step_on_average(tmp_path, layout):
     """TRL's batch is dpo_jax's: the units per step when a unit is a pair, else the pairs that
     packed rows hold per step on average (fewer than they could hold at most)."""
-    config = bench_hh.get_config(f"runlocal,synthetic,layout={layout}")
+    config = run_config("bench_hh", f"runlocal,synthetic,layout={layout}")
     bench._resolve(config, str(tmp_path))
-    arrays = data.load_task(bench._without_bench(config)).dpo_train
+    arrays = load_task(bench._without_bench(config)).pairs_train
     units = config.train.global_batch_size
     trl_pairs_per_step = bench.mean_pairs_per_step(arrays, units)
     if layout == "padded":
@@ -162,7 +162,7 @@ def test_decoder_logits_do_not_depend_on_the_attention_path():
     """The benchmark's model with `attention_block_size` gives the dense path's logits at every real
     token (prefix-shared mask). Padding attends to nothing there, so its blocks are skipped."""
     rows, mask = _layout_rows_and_mask("packed_prefix_shared", seed=1)
-    config = bench_hh.get_config("runlocal").model
+    config = run_config("bench_hh", "runlocal").model
     dense_model = models.Decoder(models.decoder_config(config), rngs=nnx.Rngs(0))
     config.attention_block_size = 16
     blockwise_model = models.Decoder(models.decoder_config(config), rngs=nnx.Rngs(0))
@@ -176,7 +176,7 @@ def test_decoder_logits_do_not_depend_on_the_attention_path():
 
 def test_matmul_flops_per_token_counts_every_weight_matmul():
     """2 FLOPs per weight of every matmul: all kernels, plus the tied embedding as the output layer."""
-    config = bench_hh.get_config()
+    config = run_config("bench_hh")
     _, abstract_params, _ = models.abstract_model(config.model)
     kernels = sum(int(np.prod(leaf.shape)) for path, leaf in jax.tree_util.tree_leaves_with_path(abstract_params)
                   if "kernel" in jax.tree_util.keystr(path))
@@ -186,23 +186,22 @@ def test_matmul_flops_per_token_counts_every_weight_matmul():
 
 PLAN_CHECK = """
 import json, sys
-sys.path.insert(0, ".")
 import jax
-from configs import quickstart
-from dpo_jax import bench, models, sharding, train
+from dpo_jax import bench, models, planning, sharding, stages
+from dpo_jax.configs import load_config
 result = {}
 for mesh_text, axes in (("data=1", dict(data=-1)), ("data=2,fsdp=4", dict(data=2, fsdp=4)),
                         ("fsdp=2,tensor=4", dict(data=1, fsdp=2, tensor=4))):
-    config = quickstart.get_config()
+    config = load_config(sys.argv[1])
     config.model.update(vocab_size=512, embed_dim=128, mlp_dim=512, num_layers=2)
     planned = bench.plan(config, "tpu-v5e", mesh_text)["bytes_per_device"]
     config.mesh.update(axes)
     devices = jax.devices()[:1] if mesh_text == "data=1" else None
     mesh = sharding.make_mesh(config.mesh, devices)
-    model = train.plan_model(config, mesh)
-    stage = train.plan_stage("dpo", config, mesh, model)
+    model = planning.plan_model(config, mesh)
+    stage = stages.STAGES["dpo"].plan(config, mesh, model)
     params = models.init_params(config.model, seed=0, shardings=model.param_shardings)
-    state = jax.jit(stage.init_state, out_shardings=stage.state_shardings)(params)
+    state = planning.init_state(stage, params)
     result[mesh_text] = {"planned": sum(planned[k] for k in ("params", "opt_state", "ref_params")),
                          "measured": sharding.bytes_per_device(state)}
 print(json.dumps(result))
@@ -211,7 +210,8 @@ print(json.dumps(result))
 
 def test_plan_memory_matches_the_measured_train_state():
     """--plan's per-device train-state bytes against a real state on 8 CPU devices, for three meshes."""
-    result = _last_json(run_python(["-c", PLAN_CHECK], env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+    result = _last_json(run_python(["-c", PLAN_CHECK, config_path("quickstart")],
+                                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
     for mesh_text, figures in result.items():
         assert figures["planned"] == pytest.approx(figures["measured"], rel=0.03), mesh_text
 
@@ -229,8 +229,8 @@ def test_plan_command_line_for_a_preset_on_a_pod():
 
 
 def test_plan_without_the_reference_holds_no_reference_bytes():
-    config = quickstart.get_config()
+    config = run_config("quickstart")
     config.dpo.reference = "precomputed"
     result = bench.plan(config, "h100", "data=1")
     assert result["bytes_per_device"]["ref_params"] == 0
-    assert result["flops_per_step"] < bench.plan(quickstart.get_config(), "h100", "data=1")["flops_per_step"]
+    assert result["flops_per_step"] < bench.plan(run_config("quickstart"), "h100", "data=1")["flops_per_step"]

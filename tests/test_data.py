@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from dpo_jax import data
 from dpo_jax.data import layouts, loader, synthetic
+from dpo_jax.data.task import load_task
 
 
 def test_synthetic_pairs_are_deterministic_and_labelled_by_mood_fraction():
@@ -35,11 +35,11 @@ def test_padded_row_masks_only_the_response_and_keeps_the_prompt_end():
 
 
 def test_load_task_shapes(tiny_config):
-    task = data.load_task(tiny_config)
+    task = load_task(tiny_config)
     length = tiny_config.data.max_length
-    assert task.dpo_train["chosen_input_ids"].shape == (tiny_config.data.num_train, length)
+    assert task.pairs_train["chosen_input_ids"].shape == (tiny_config.data.num_train, length)
     assert task.sft_eval["input_ids"].shape == (tiny_config.data.num_eval, length)
-    np.testing.assert_array_equal(task.sft_train["input_ids"], task.dpo_train["chosen_input_ids"])
+    np.testing.assert_array_equal(task.sft_train["input_ids"], task.pairs_train["chosen_input_ids"])
 
 
 def test_train_batches_are_a_function_of_the_step():

@@ -10,8 +10,8 @@ import pyarrow
 import pyarrow.parquet
 import pytest
 import tensorflow_datasets as tfds
-
 from conftest import SHARED_DATA
+
 from dpo_jax.data import builders, records  # registers the builders
 
 tfds.disable_progress_bar()

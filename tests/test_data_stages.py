@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import tokenizers
 
-from dpo_jax import configuration, data
+from dpo_jax.configs import validation
 from dpo_jax.data import synthetic, tokenize
+from dpo_jax.data.task import load_task, prepare, read_split
 
 WORDS = "the cat dog sat ran on a mat log fast slow happily sadly".split()
 MAX_LENGTH, MAX_PROMPT_LENGTH = 24, 10
@@ -58,18 +59,22 @@ def files_config(tiny_config, tmp_path):
     config = tiny_config
     config.model.vocab_size = 320
     config.data.update(
-        name="preference_files", tokenizer=tokenizer_dir, data_dir=str(tmp_path / "tfds"), max_length=MAX_LENGTH,
+        name=("preference_files",), tokenizer=tokenizer_dir, data_dir=str(tmp_path / "tfds"), max_length=MAX_LENGTH,
         max_prompt_length=MAX_PROMPT_LENGTH,
-        train_files=_write_jsonl(tmp_path / "train.jsonl", train_pairs),
-        eval_files=_write_jsonl(tmp_path / "test.jsonl", eval_pairs),
-        pretrain_files=_write_jsonl(tmp_path / "pretrain.jsonl", [{"text": text} for text in _texts(30, 3)]),
-        pretrain_eval_files=_write_jsonl(tmp_path / "pretrain_eval.jsonl", [{"text": t} for t in _texts(10, 4)]))
+        train_files=(_write_jsonl(tmp_path / "train.jsonl", train_pairs),),
+        eval_files=(_write_jsonl(tmp_path / "test.jsonl", eval_pairs),),
+        pretrain_files=(_write_jsonl(tmp_path / "pretrain.jsonl", [{"text": text} for text in _texts(30, 3)]),),
+        pretrain_eval_files=(_write_jsonl(tmp_path / "pretrain_eval.jsonl", [{"text": t} for t in _texts(10, 4)]),))
     return config
 
 
-def _read_jsonl(path):
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f]
+def _read_jsonl(paths):
+    """The records of the JSONL files `paths`, in order."""
+    records = []
+    for path in paths:
+        with open(path, encoding="utf-8") as f:
+            records.extend(json.loads(line) for line in f)
+    return records
 
 
 # ---------------------------------------------------------------------------------------------
@@ -81,16 +86,17 @@ def test_pretrain_rows_are_the_tokenizers_encoding_scored_after_the_first_token(
     if bos:
         files_config.data.tokenizer = _with_bos(files_config.data.tokenizer, str(tmp_path / "bos_tokenizer"))
     files_config.stages = ("pretrain",)
-    configuration.validate(files_config)
-    task = data.load_task(files_config)
-    assert task.dpo_train is None and task.sft_train is None and task.prompts_train is None
+    validation.validate(files_config)
+    task = load_task(files_config)
+    assert task.pairs_train is None and task.sft_train is None and task.prompts_train is None
 
     tokenizer = tokenize.load(files_config.data.tokenizer)
     eos_id = tokenizer.token_id(tokenizer.eos_token)
     num_truncated = 0
-    for split, path in (("train", files_config.data.pretrain_files), ("eval", files_config.data.pretrain_eval_files)):
+    for split, paths in (("train", files_config.data.pretrain_files),
+                         ("eval", files_config.data.pretrain_eval_files)):
         rows = getattr(task, f"pretrain_{split}")
-        texts = [record["text"] for record in _read_jsonl(path)]
+        texts = [record["text"] for record in _read_jsonl(paths)]
         assert rows["input_ids"].shape == (len(texts), MAX_LENGTH)
         for row, text in enumerate(texts):
             full = tokenizer.encode(text) + [eos_id]  # with the BOS the tokenizer's post-processor adds, if any
@@ -108,7 +114,7 @@ def test_pretrain_rows_are_the_tokenizers_encoding_scored_after_the_first_token(
 def test_packed_pretrain_rows_hold_every_text_scored_after_its_first_token(files_config):
     files_config.stages = ("pretrain",)
     files_config.data.layout = "packed"
-    task = data.load_task(files_config)
+    task = load_task(files_config)
     tokenizer = tokenize.load(files_config.data.tokenizer)
     lengths = [min(len(tokenizer.encode(record["text"])) + 1, MAX_LENGTH)
                for record in _read_jsonl(files_config.data.pretrain_files)]
@@ -126,26 +132,26 @@ def test_a_bad_text_record_names_file_and_line_or_is_skipped_and_counted(files_c
     path.write_text("\n".join(lines) + "\n")
     files_config.stages = ("pretrain",)
     with pytest.raises(ValueError, match=f"{path}:3: missing field"):
-        data.load_task(files_config)
+        load_task(files_config)
     files_config.data.on_bad_example = "skip"
-    report = data.load_task(files_config).report["pretrain data.pretrain_files"]
+    report = load_task(files_config).report["pretrain data.pretrain_files"]
     assert report["examples"] == 29 and report["skipped"] == {"missing field": 1}
 
 
 def test_pretrain_needs_held_out_texts_and_texts_unless_synthetic(files_config):
     files_config.stages = ("pretrain",)
-    files_config.data.pretrain_eval_files = ""
+    files_config.data.pretrain_eval_files = ()
     with pytest.raises(ValueError, match="data.pretrain_eval_files"):
-        data.load_task(files_config)
-    files_config.data.pretrain_files = ""
+        load_task(files_config)
+    files_config.data.pretrain_files = ()
     with pytest.raises(ValueError, match="data.pretrain_files"):
-        data.load_task(files_config)
+        load_task(files_config)
 
 
 def test_synthetic_pretrain_texts_are_the_pairs_prompt_and_chosen(tiny_config):
     tiny_config.stages = ("pretrain",)
-    configuration.validate(tiny_config)
-    task = data.load_task(tiny_config)
+    validation.validate(tiny_config)
+    task = load_task(tiny_config)
     data_config = tiny_config.data
     for split, num, seed in (("train", data_config.num_train, tiny_config.seed),
                              ("eval", data_config.num_eval, tiny_config.seed + 1)):
@@ -167,20 +173,20 @@ def test_synthetic_pretrain_texts_are_the_pairs_prompt_and_chosen(tiny_config):
 def test_preference_stages_other_than_dpo_get_the_dpo_pair_arrays(tiny_config, stages):
     dpo_only = tiny_config.copy_and_resolve_references()
     dpo_only.stages = ("dpo",)
-    expected = data.load_task(dpo_only)
+    expected = load_task(dpo_only)
     tiny_config.stages = stages
-    task = data.load_task(tiny_config)
+    task = load_task(tiny_config)
     for split in ("train", "eval"):
-        for key, value in getattr(expected, f"dpo_{split}").items():
-            np.testing.assert_array_equal(getattr(task, f"dpo_{split}")[key], value)
+        for key, value in getattr(expected, f"pairs_{split}").items():
+            np.testing.assert_array_equal(getattr(task, f"pairs_{split}")[key], value)
     assert task.num_truncated == expected.num_truncated  # counted as the pairs, also when SFT runs
     assert (task.sft_train is not None) == ("sft" in stages)
 
 
 def test_no_pair_arrays_without_a_preference_stage(tiny_config):
     tiny_config.stages = ("sft",)
-    task = data.load_task(tiny_config)
-    assert task.dpo_train is None and task.dpo_eval is None and task.sft_train is not None
+    task = load_task(tiny_config)
+    assert task.pairs_train is None and task.pairs_eval is None and task.sft_train is not None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,7 +206,7 @@ def _expected_prompts(pairs, tokenizer):
 
 def _split_examples(config, split):
     """The examples of a prepared split in the order load_task reads them (TFDS stores them shuffled by key)."""
-    examples, _ = data.read_split(data.prepare("preference_files", config.data), split, config.data)
+    examples, _ = read_split(prepare("preference_files", config.data), split, config.data)
     return examples
 
 
@@ -220,8 +226,8 @@ def _check_prompts(prompts, expected):
 def test_ppo_prompts_are_the_distinct_prompts_of_the_pairs_with_their_first_chosen_reference(files_config):
     files_config.stages = ("dpo", "ppo")
     files_config.ppo.reward = "vader"  # PPO-GT: no reward stage needed
-    configuration.validate(files_config)
-    task = data.load_task(files_config)
+    validation.validate(files_config)
+    task = load_task(files_config)
     tokenizer = tokenize.load(files_config.data.tokenizer)
     for split, dataset_split in (("train", "train"), ("eval", "test")):
         pairs = _split_examples(files_config, dataset_split)
@@ -231,8 +237,8 @@ def test_ppo_prompts_are_the_distinct_prompts_of_the_pairs_with_their_first_chos
         prompts = getattr(task, f"prompts_{split}")
         _check_prompts(prompts, expected)
         # The same truncated tokens as the DPO rows: the chosen row of each prompt's first pair.
-        chosen_rows = getattr(task, f"dpo_{split}")["chosen_input_ids"]
-        for row, (prompt, (reference, pair_index)) in enumerate(expected.items()):
+        chosen_rows = getattr(task, f"pairs_{split}")["chosen_input_ids"]
+        for prompt, (reference, pair_index) in expected.items():
             np.testing.assert_array_equal(chosen_rows[pair_index, :len(prompt) + len(reference)],
                                           list(prompt) + list(reference))
     assert task.report["prompts train"]["from"] == "pairs"
@@ -240,9 +246,9 @@ def test_ppo_prompts_are_the_distinct_prompts_of_the_pairs_with_their_first_chos
 
 def test_sample_evaluation_alone_builds_prompts(files_config):
     files_config.stages = ("dpo",)
-    assert data.load_task(files_config).prompts_eval is None
+    assert load_task(files_config).prompts_eval is None
     files_config.evaluation.scorer = "vader"
-    task = data.load_task(files_config)
+    task = load_task(files_config)
     _check_prompts(task.prompts_eval, _expected_prompts(_split_examples(files_config, "test"),
                                                         tokenize.load(files_config.data.tokenizer)))
 
@@ -251,16 +257,16 @@ def test_sample_evaluation_alone_builds_prompts(files_config):
 def test_without_pairs_the_prompts_are_the_sft_examples(files_config, tmp_path, stages):
     sft_train = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in _pairs(30, 5, num_prompts=9)]
     sft_eval = [{"prompt": p["prompt"], "completion": p["chosen"]} for p in _pairs(10, 6, num_prompts=4)]
-    files_config.data.update(train_files="", eval_files="", sft_split="sft_train", sft_eval_split="sft_test",
-                             sft_train_files=_write_jsonl(tmp_path / "sft_train.jsonl", sft_train),
-                             sft_eval_files=_write_jsonl(tmp_path / "sft_eval.jsonl", sft_eval))
+    files_config.data.update(train_files=(), eval_files=(), sft_split="sft_train", sft_eval_split="sft_test",
+                             sft_train_files=(_write_jsonl(tmp_path / "sft_train.jsonl", sft_train),),
+                             sft_eval_files=(_write_jsonl(tmp_path / "sft_eval.jsonl", sft_eval),))
     files_config.stages = stages
     files_config.ppo.reward = "vader"  # PPO-GT: no reward stage needed
-    configuration.validate(files_config)
-    task = data.load_task(files_config)
+    validation.validate(files_config)
+    task = load_task(files_config)
     tokenizer = tokenize.load(files_config.data.tokenizer)
     for split, dataset_split in (("train", "sft_train"), ("eval", "sft_test")):
         _check_prompts(getattr(task, f"prompts_{split}"),
                        _expected_prompts(_split_examples(files_config, dataset_split), tokenizer))
-    assert task.dpo_train is None and (task.sft_train is not None) == ("sft" in stages)
+    assert task.pairs_train is None and (task.sft_train is not None) == ("sft" in stages)
     assert task.report["prompts train"]["from"] == "sft examples"

@@ -131,7 +131,8 @@ def test_chat_examples_need_a_template(byte_tokenizer):
 def test_the_byte_level_bpe_trainer_is_deterministic(tmp_path):
     first = tokenize.train_byte_level_bpe(CORPUS, str(tmp_path / "a"), vocab_size=300)
     second = tokenize.train_byte_level_bpe(CORPUS, str(tmp_path / "b"), vocab_size=300)
-    with open(os.path.join(first, "tokenizer.json"), "rb") as a, open(os.path.join(second, "tokenizer.json"), "rb") as b:
+    with open(os.path.join(first, "tokenizer.json"), "rb") as a, \
+            open(os.path.join(second, "tokenizer.json"), "rb") as b:
         assert a.read() == b.read()
     tokenizer = tokenize.load(os.path.join(first, "tokenizer.json"))
     assert tokenizer.tokenizer.get_vocab_size() == 300

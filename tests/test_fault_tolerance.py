@@ -16,12 +16,12 @@ import time
 import jax
 import numpy as np
 import pytest
+from conftest import REPO, run_config, workdir_records, workdir_summary
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from configs import quickstart
-from conftest import REPO, workdir_records, workdir_summary
-from dpo_jax import checkpointing, configuration, fingerprints, sharding, train
+from dpo_jax import checkpointing, fingerprints, planning, sharding
+from dpo_jax.configs import validation
 from dpo_jax.metrics import read_jsonl
 
 # Save every step, so that kills land during asynchronous writes too.
@@ -84,7 +84,8 @@ def test_sigkill_at_any_moment_then_rerun_equals_an_uninterrupted_run(uninterrup
     code, _, err = _finish(workdir)
     assert code == 0, err[-3000:]
     for stage in ("sft", "dpo"):
-        assert workdir_summary(workdir)[stage]["params_fingerprint"] == workdir_summary(uninterrupted)[stage]["params_fingerprint"]
+        assert (workdir_summary(workdir)[stage]["params_fingerprint"]
+                == workdir_summary(uninterrupted)[stage]["params_fingerprint"])
     assert workdir_records(workdir) == workdir_records(uninterrupted)
 
 
@@ -102,12 +103,13 @@ def test_sigterm_saves_the_current_step_and_exits_with_the_preemption_code(unint
     assert not any("tmp" in name for name in os.listdir(directory)), "the checkpoint was complete before exit"
     code, _, err = _finish(workdir)
     assert code == 0, err[-3000:]
-    assert workdir_summary(workdir)["dpo"]["params_fingerprint"] == workdir_summary(uninterrupted)["dpo"]["params_fingerprint"]
+    assert (workdir_summary(workdir)["dpo"]["params_fingerprint"]
+            == workdir_summary(uninterrupted)["dpo"]["params_fingerprint"])
 
 
 def _abstract_params(config):
     mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-    return train.plan_model(config, mesh).abstract_params
+    return planning.plan_model(config, mesh).abstract_params
 
 
 def _state(value):
@@ -147,7 +149,7 @@ def _truncate_a_data_file(step_dir):
 
 @pytest.mark.parametrize("damage", ["truncated file", "missing directory", "wrong tree"])
 def test_a_corrupt_checkpoint_is_never_loaded_and_an_older_one_is_used(tmp_path, damage):
-    config = quickstart.get_config("runlocal")
+    config = run_config("quickstart", "runlocal")
     abstract = _abstract_params(config)
     params = jax.tree.map(lambda a: np.random.default_rng(0).normal(size=a.shape).astype(a.dtype), abstract)
     newer = jax.tree.map(lambda x: x + 1, params)
@@ -174,7 +176,7 @@ def test_a_corrupt_checkpoint_is_never_loaded_and_an_older_one_is_used(tmp_path,
 
 
 def test_no_good_checkpoint_is_a_clear_error_naming_the_directory(tmp_path):
-    config = quickstart.get_config("runlocal")
+    config = run_config("quickstart", "runlocal")
     directory = tmp_path / "sft"
     checkpoints = checkpointing.StageCheckpoints(directory)
     checkpoints.save(1, {"params": {"w": np.zeros(3, np.float32)}})
@@ -192,7 +194,8 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one_exactly(unint
     code, _, err = _finish(workdir)
     assert code == 0, err[-3000:]
     assert "does not restore" in err
-    assert workdir_summary(workdir)["dpo"]["params_fingerprint"] == workdir_summary(uninterrupted)["dpo"]["params_fingerprint"]
+    assert (workdir_summary(workdir)["dpo"]["params_fingerprint"]
+            == workdir_summary(uninterrupted)["dpo"]["params_fingerprint"])
     assert workdir_records(workdir) == workdir_records(uninterrupted)
 
 
@@ -204,7 +207,7 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     assert "3 steps in a row" in err and "non-finite" in err
     bad = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "nonfinite"]
     assert len(bad) >= 3 and all(len(r["example_ids"]) == 8 for r in bad)
-    config = quickstart.get_config("runlocal")
+    config = run_config("quickstart", "runlocal")
     params = checkpointing.restore_params(os.path.join(workdir, "checkpoints", "sft"), _abstract_params(config))
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
 
@@ -218,7 +221,7 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkp
     workdir = str(tmp_path / "run")
     code, _, err = _finish(workdir, "--halt_after_steps=2")
     assert code == 3, err[-3000:]
-    config = quickstart.get_config("runlocal")
+    config = run_config("quickstart", "runlocal")
     directory = os.path.join(workdir, "checkpoints", "sft")
     before = fingerprints.params_fingerprint(checkpointing.restore_params(directory, _abstract_params(config)))
     code, _, err = _finish(workdir, preexec_fn=_limit_file_size)
@@ -228,7 +231,7 @@ def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkp
     assert after == before
 
 
-KEYS = sorted(configuration.flatten(quickstart.get_config("runlocal")))
+KEYS = sorted(validation.flatten(run_config("quickstart", "runlocal")))
 VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow_nan=True), st.text(max_size=5),
                    st.just(-1), st.just(0))
 
@@ -236,9 +239,9 @@ VALUES = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.floats(allow
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.dictionaries(st.sampled_from(KEYS + ["dpo.betta", "nope"]), VALUES, min_size=1, max_size=3))
 def test_any_config_is_validated_cleanly_or_refused_naming_a_key(overrides):
-    config = quickstart.get_config("runlocal")
+    config = run_config("quickstart", "runlocal")
     config.unlock()
-    flat = configuration.flatten(config)
+    flat = validation.flatten(config)
     for key, value in overrides.items():
         *parents, leaf = key.split(".")
         node = config
@@ -249,7 +252,7 @@ def test_any_config_is_validated_cleanly_or_refused_naming_a_key(overrides):
         except (TypeError, ValueError, KeyError, AttributeError):
             return  # ml_collections itself refuses the type: the command line never gets this far
     try:
-        configuration.validate(config)
+        validation.validate(config)
     except ValueError as error:
         assert "config." in str(error)
     else:

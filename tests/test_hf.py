@@ -12,13 +12,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
+from conftest import run_python
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from test_models import random_model, run
 
-from configs import common
-from conftest import run_python
-from dpo_jax import models
+from dpo_jax import configs, models
 
 FAMILIES = ["gpt2", "gpt_neox", "gptj", "llama", "mistral", "qwen2", "gemma"]
 
@@ -62,7 +61,7 @@ def test_load_in_bfloat16_and_save_as_stored(tmp_path):
 
 def test_abstract_model_takes_the_architecture_from_config_json(tmp_path):
     models.save_hf(random_model("tiny-gemma"), tmp_path / "gemma")
-    model_config = common.model_config("tiny", init_from_hf=str(tmp_path / "gemma"), dtype="bfloat16")
+    model_config = configs.model_config("tiny", init_from_hf=str(tmp_path / "gemma"), dtype="bfloat16")
     config = models.decoder_config(model_config)
     assert (config.hf_model_type, config.norm, config.head_dim, config.num_kv_heads) == ("gemma", "rmsnorm", 32, 1)
     assert config.dtype == "bfloat16"  # runtime fields stay with config.model
@@ -74,13 +73,12 @@ _MESH_SCRIPT = """
 import sys
 import jax, numpy as np
 from flax import nnx
-from configs import common
-from dpo_jax import models, sharding
+from dpo_jax import configs, models, sharding
 path = sys.argv[1]
-mesh_config = common.base_config().mesh
+mesh_config = configs.base_config().mesh
 mesh_config.update(fsdp=2, tensor=2)  # and data: the rest of the 8 devices
 mesh = sharding.make_mesh(mesh_config)
-model_config = common.model_config("tiny", init_from_hf=path)
+model_config = configs.model_config("tiny", init_from_hf=path)
 _, abstract_params, specs = models.abstract_model(model_config)
 shardings = sharding.param_shardings(abstract_params, specs, mesh)
 params = models.init_params(model_config, seed=0, shardings=shardings)
@@ -179,7 +177,8 @@ def _write_tokenizer(path):
     tokenizer.train_from_iterator(["the policy prefers the chosen response over the rejected one"] * 20, trainer)
     tokenizer.save(str(path / "tokenizer.json"))
     (path / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True}, "pad_token": "<pad>",
+        "bos_token": "<s>", "eos_token": {"__type": "AddedToken", "content": "</s>", "special": True},
+        "pad_token": "<pad>",
         "chat_template": CHAT_TEMPLATE, "tokenizer_class": "PreTrainedTokenizerFast"}))
     (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [1, 3]}))
 
@@ -320,7 +319,7 @@ def test_train_from_hf_then_export(tmp_path):
 
     exported = models.load_hf(tmp_path / "out")
     assert exported.config.hf_model_type == "llama"
-    _, abstract_params, _ = models.abstract_model(common.model_config(init_from_hf=str(tmp_path / "start")))
+    _, abstract_params, _ = models.abstract_model(configs.model_config(init_from_hf=str(tmp_path / "start")))
     trained = checkpointing.restore_params(str(workdir / "checkpoints" / "dpo"), checkpointing.with_shardings(
         abstract_params, jax.tree.map(lambda _: jax.sharding.SingleDeviceSharding(jax.devices()[0]),
                                       abstract_params)))

@@ -8,8 +8,7 @@ import pytest
 from flax import nnx
 from test_models import random_model, run
 
-from configs import common
-from dpo_jax import losses, models
+from dpo_jax import configs, losses, models
 from dpo_jax.models import lora
 
 LORA = dict(rank=4, alpha=8.0, targets=("query", "value", "out", "gate", "up", "down"))
@@ -119,7 +118,7 @@ def test_export_merges_the_adapters(tmp_path):
 def test_init_from_hf_adds_fresh_adapters_to_the_checkpoint(preset, tmp_path):
     base = random_model(preset)
     models.save_hf(base, tmp_path)
-    model_config = common.model_config("tiny", init_from_hf=str(tmp_path), lora=LORA)
+    model_config = configs.model_config("tiny", init_from_hf=str(tmp_path), lora=LORA)
     graphdef, abstract_params, _ = models.abstract_model(model_config)
     params = models.init_params(model_config, seed=0, shardings=None)
     assert jax.tree.structure(params) == jax.tree.structure(abstract_params)
@@ -133,7 +132,7 @@ def test_folding_makes_the_adapted_model_the_new_reference():
     graphdef, params = nnx.split(adapted, nnx.Param)
     params = nnx.to_pure_dict(params)
     sft_logits = run(adapted, _tokens())
-    model_config = common.model_config("tiny-llama", lora=LORA)
+    model_config = configs.model_config("tiny-llama", lora=LORA)
     folded = models.fold_adapters(model_config, jax.tree.map(jnp.copy, params), seed=1, shardings=None)
     assert not np.any(np.asarray(folded["blocks"][0]["attention"]["query"]["lora_b"]))  # fresh adapters
     folded_model = nnx.merge(graphdef, folded)

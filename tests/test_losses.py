@@ -12,10 +12,18 @@ import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from loss_cases import (
+    ARRAY_NAMES,
+    BATCH,
+    CASES,
+    case_id,
+    library_losses,
+    loss_types_of,
+    random_inputs,
+    with_case_references,
+)
 
 from dpo_jax import losses
-from loss_cases import (ARRAY_NAMES, BATCH, CASES, case_id, library_losses, loss_types_of, random_inputs,
-                        with_case_references)
 
 BETA = 0.3
 

@@ -1,11 +1,16 @@
 """The DPO train step selects every preference loss by `config.dpo.loss_type` and takes a step with it."""
 
+import functools
+
 import jax
 import numpy as np
 import pytest
+from conftest import run_config
 
-from dpo_jax import configuration, data, losses, models, steps
+from dpo_jax import losses, models, steps
+from dpo_jax.configs import validation
 from dpo_jax.data import loader
+from dpo_jax.data.task import load_task
 
 DESIGN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins",
                   "logps/chosen", "logps/rejected", "grad_norm", "learning_rate")
@@ -13,12 +18,11 @@ DESIGN_METRICS = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accurac
 
 @pytest.fixture(scope="module")
 def model_and_batch():
-    from configs import quickstart
-    config = quickstart.get_config("runlocal")
-    task = data.load_task(config)
+    config = run_config("quickstart", "runlocal")
+    task = load_task(config)
     graphdef, _, _ = models.abstract_model(config.model)
     params = models.init_params(config.model, seed=config.seed, shardings=None)
-    batch = loader.train_batches(task.dpo_train, global_batch_size=config.train.global_batch_size, seed=0)[0]
+    batch = loader.train_batches(task.pairs_train, global_batch_size=config.train.global_batch_size, seed=0)[0]
     return config, graphdef, params, batch
 
 
@@ -30,13 +34,13 @@ def model_and_batch():
 def test_one_dpo_step_with_each_loss_type(model_and_batch, loss_type, loss_options):
     config, graphdef, params, batch = model_and_batch
     config = config.copy_and_resolve_references()
-    config.dpo.loss_type = loss_type
+    config.dpo.loss_type = (loss_type,)
     config.dpo.warmup_steps = 0  # a nonzero learning rate at the first step
     config.dpo.loss_options.update(loss_options)
-    configuration.validate(config)
+    validation.validate(config)
     optimizer, schedule = steps.make_optimizer(config.train, config.dpo)
     state = steps.init_state(params, optimizer, seed=config.seed, live_reference=True)
-    loss_fn, _ = steps.stage_functions("dpo", graphdef, config)
+    loss_fn = functools.partial(steps.dpo_loss, graphdef=graphdef, dpo_config=config.dpo)
 
     new_state, metrics = steps.train_step(state, batch, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule)
 

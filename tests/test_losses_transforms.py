@@ -5,12 +5,12 @@ import os
 import pickle
 
 import jax
-import numpy as np
-
 import losses_multidevice
+import numpy as np
 from conftest import run_python
-from dpo_jax import losses
 from loss_cases import BATCH, CASES, all_cases, case_id, policy_gradients, random_inputs
+
+from dpo_jax import losses
 
 BETA = 0.3
 GROUPS = 4

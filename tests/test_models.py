@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs import common
-from dpo_jax import models
+from dpo_jax import configs, models
 
 FAMILIES = ["tiny", "tiny-gpt_neox", "tiny-gptj", "tiny-llama", "tiny-mistral", "tiny-qwen2", "tiny-gemma"]
 
@@ -20,7 +19,7 @@ def random_model(preset, seed=0, **overrides):
     Drawn with numpy (nothing to compile); LoRA adapters start fresh (lora_b = 0). Shared with
     test_hf, test_sampling and test_lora (`from test_models import random_model, run`).
     """
-    graphdef, abstract_params, _ = models.abstract_model(common.model_config(preset, **overrides))
+    graphdef, abstract_params, _ = models.abstract_model(configs.model_config(preset, **overrides))
     rng = np.random.RandomState(seed)
 
     def sample(path, leaf):
@@ -124,7 +123,7 @@ def test_token_logps_of_scored_tokens_equal_the_full_logits_path(preset):
 
 
 def test_parameters_carry_the_logical_axis_names():
-    _, abstract_params, specs = models.abstract_model(common.model_config("tiny-llama", lora=dict(
+    _, abstract_params, specs = models.abstract_model(configs.model_config("tiny-llama", lora=dict(
         rank=4, alpha=8.0, targets=("query", "down"))))
     names = {name for spec in jax.tree.leaves(specs, is_leaf=lambda s: isinstance(s, jax.sharding.PartitionSpec))
              for name in spec}
@@ -148,7 +147,7 @@ def test_parameters_carry_the_logical_axis_names():
 ])
 def test_bad_config_names_the_field(overrides, culprit):
     with pytest.raises(ValueError, match=culprit.replace(".", r"\.")):
-        models.decoder_config(common.model_config("tiny", **overrides))
+        models.decoder_config(configs.model_config("tiny", **overrides))
 
 
 @pytest.mark.parametrize("preset, published", [
@@ -160,5 +159,5 @@ def test_bad_config_names_the_field(overrides, culprit):
     ("gemma-2b", 2_506_172_416),
 ])
 def test_presets_have_the_published_parameter_counts(preset, published):
-    _, abstract_params, _ = models.abstract_model(common.model_config(preset))
+    _, abstract_params, _ = models.abstract_model(configs.model_config(preset))
     assert sum(math.prod(leaf.shape) for leaf in jax.tree.leaves(abstract_params)) == published

@@ -11,8 +11,8 @@ import math
 import os
 
 import pytest
+from conftest import SHARED_DATA, run_config, run_python
 
-from conftest import SHARED_DATA, run_python
 from dpo_jax.data import tokenize
 
 pytestmark = pytest.mark.slow
@@ -136,8 +136,7 @@ def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path):
 
 @pytest.mark.parametrize("config_file", ["imdb_gpt2_large", "tldr_gptj", "hh_pythia28b", "sentiment_frontier"])
 def test_full_configs_carry_the_papers_hyperparameters(config_file):
-    import importlib  # pylint: disable=import-outside-toplevel
-    config = importlib.import_module(f"configs.{config_file}").get_config()
+    config = run_config(config_file)
     if config_file != "sentiment_frontier":  # trained from scratch at a tiny scale instead
         assert (config.train.optimizer, config.dpo.learning_rate, config.dpo.warmup_steps,
                 config.train.global_batch_size) == ("rmsprop", 1e-6, 150, 64)

@@ -7,8 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from dpo_jax import models, ppo, steps
+from dpo_jax import configs, models, ppo, steps
 
 REWARDED_TOKEN = 9
 NUM_PROMPTS, PROMPT_WIDTH = 16, 4
@@ -125,7 +124,7 @@ def test_rollout_rows_hold_prompt_then_response_with_a_mask_on_the_predicted_tok
 
 
 def _tiny_models():
-    model_config = common.model_config("tiny")
+    model_config = configs.model_config("tiny")
     graphdef, _, _ = models.abstract_model(model_config)
     policy = models.init_params(model_config, seed=0, shardings=None)
     decoder_config = models.decoder_config(model_config)
@@ -163,7 +162,7 @@ def _fraction_of_rewarded_tokens(prompt_ids, prompt_lengths, response_tokens, re
 
 
 def _ppo_config(**overrides):
-    config = common.base_config()
+    config = configs.base_config()
     config.ppo.update(dict(learning_rate=3e-3, max_new_tokens=8, num_epochs=2, num_minibatches=2, kl_coef=0.01),
                       **overrides)
     return config.train, config.ppo
@@ -281,7 +280,9 @@ def test_first_update_sees_ratios_of_exactly_one_and_the_kl_controller_adapts():
     state, metrics = step(state, _prompts())
     metrics = jax.device_get(metrics)
     assert metrics["objective/scores"] == constant_reward
-    assert metrics["policy/approxkl_avg"] == 0.0 and metrics["policy/clipfrac_avg"] == 0.0
+    # Ratios of one up to rounding: the rollout's log-probs and the update's are the same function,
+    # computed once forward only and once under the gradient, which XLA may round differently.
+    assert abs(metrics["policy/approxkl_avg"]) < 1e-6 and metrics["policy/clipfrac_avg"] == 0.0
     # The mean of whole token counts over the batch, each between 1 (an immediate EOS) and max_new_tokens.
     total_tokens = metrics["response_length"] * NUM_PROMPTS
     assert total_tokens == pytest.approx(round(total_tokens), abs=1e-3)

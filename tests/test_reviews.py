@@ -6,8 +6,9 @@ import os
 import numpy as np
 import pytest
 
-from dpo_jax import configuration, data
+from dpo_jax.configs import validation
 from dpo_jax.data import reviews, tokenize
+from dpo_jax.data.task import load_task, prepare, read_split
 
 vader = pytest.importorskip("vaderSentiment.vaderSentiment", reason="vaderSentiment (the repro extra) scores sentiment")
 
@@ -105,20 +106,20 @@ def test_the_tokenizer_round_trips_and_load_task_reads_the_corpus(corpus, tiny_c
     config = tiny_config
     config.stages = ("pretrain", "sft")
     config.model.vocab_size = SIZES["vocab_size"]
-    config.data.update(name="preference_files", tokenizer=corpus["tokenizer"], data_dir=str(tmp_path / "tfds"),
-                       sft_train_files=corpus["sft_train"], sft_eval_files=corpus["sft_eval"],
-                       sft_split="sft_train", sft_eval_split="sft_test", pretrain_files=corpus["pretrain"],
-                       pretrain_eval_files=corpus["pretrain_eval"], max_length=80, max_prompt_length=24)
+    config.data.update(name=("preference_files",), tokenizer=corpus["tokenizer"], data_dir=str(tmp_path / "tfds"),
+                       sft_train_files=(corpus["sft_train"],), sft_eval_files=(corpus["sft_eval"],),
+                       sft_split="sft_train", sft_eval_split="sft_test", pretrain_files=(corpus["pretrain"],),
+                       pretrain_eval_files=(corpus["pretrain_eval"],), max_length=80, max_prompt_length=24)
     assert config.data.check_boundaries
-    configuration.validate(config)
-    task = data.load_task(config)
+    validation.validate(config)
+    task = load_task(config)
     for split, size in (("sft_train", 48), ("sft_test", 16)):
         report = task.report[f"sft preference_files/{split}"]
         assert report["examples"] == size and report["truncated"] == 0 and not report["skipped_when_tokenised"]
     assert task.pretrain_train["input_ids"].shape == (300, 80) and task.pretrain_eval["input_ids"].shape == (16, 80)
     # A row is the prompt's tokens, then the completion's, scored: as the tokenizer encodes the whole text.
     eos_id = tokenizer.token_id(tokenizer.eos_token)
-    examples, _ = data.read_split(data.prepare("preference_files", config.data), "sft_train", config.data)
+    examples, _ = read_split(prepare("preference_files", config.data), "sft_train", config.data)
     for row, example in enumerate(examples):
         prompt_length = len(tokenizer.encode(example["prompt"]))
         whole = tokenizer.encode(example["prompt"] + example["chosen"]) + [eos_id]

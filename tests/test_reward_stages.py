@@ -6,10 +6,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-
-from dpo_jax import losses, models, steps
-from dpo_jax.data import layouts, synthetic
 from test_data_layouts import MAX_LENGTH, _random_pairs
+
+from dpo_jax import losses, models, planning, sharding, stages, steps
+from dpo_jax.configs import validation
+from dpo_jax.data import layouts, synthetic
 
 LAYOUT_SIZES = dict(max_length=MAX_LENGTH, row_length=2 * MAX_LENGTH + 6, max_pairs_per_row=4)
 
@@ -30,6 +31,13 @@ def _decoder(config):
     config.model.position_embedding = "rope"
     graphdef, _, _ = models.abstract_model(config.model)
     return graphdef, models.init_params(config.model, seed=1, shardings=None)
+
+
+def _stage_functions(name, config):
+    """(loss_fn, eval_fn) of stage `name`'s plan on one device (the reward stage: the scalar model's)."""
+    mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+    plan = stages.STAGES[name].plan(config, mesh, planning.plan_model(config, mesh))
+    return plan.loss_fn, plan.eval_fn
 
 
 def _real_pairs(values, arrays):
@@ -139,7 +147,8 @@ def test_reward_model_learns_the_synthetic_preference(tiny_config):
     graphdef, _, _ = models.abstract_scalar_model(decoder_config)
     params = models.init_scalar_params(decoder_config, models.init_params(config.model, seed=0, shardings=None),
                                        seed=0)
-    loss_fn, eval_fn = steps.stage_functions("reward", graphdef, config)
+    loss_fn = functools.partial(steps.reward_loss, graphdef=graphdef)
+    eval_fn = functools.partial(steps.reward_eval_step, graphdef=graphdef)
     optimizer, schedule = steps.make_optimizer(config.train, config.reward)
     state = steps.init_state(params, optimizer, seed=0, live_reference=False)
     train_step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer,
@@ -196,7 +205,7 @@ def test_unlikelihood_loss_matches_the_formula_on_random_logits():
     masks = [(rng.random((pairs, time)) < 0.7).astype(np.float32) for _ in range(2)]
     for mask in masks:
         mask[:, 0] = 1.0  # no empty response
-    token_logps = [losses.token_logps(jnp.asarray(l), jnp.asarray(y)) for l, y in zip(logits, labels)]
+    token_logps = [losses.token_logps(jnp.asarray(x), jnp.asarray(y)) for x, y in zip(logits, labels)]
     pair_losses, metrics = losses.unlikelihood_loss(
         jnp.sum(token_logps[0] * masks[0], -1), jnp.sum(losses.log1m_exp(token_logps[1]) * masks[1], -1),
         masks[0].sum(-1), masks[1].sum(-1), alpha=alpha, rejected_logps=jnp.sum(token_logps[1] * masks[1], -1))
@@ -257,7 +266,7 @@ def test_unlikelihood_step_matches_plain_forward_passes_in_every_layout(tiny_con
 
 
 # ---------------------------------------------------------------------------------------------
-# Pretraining and stage_functions
+# Pretraining and the stages' loss functions
 # ---------------------------------------------------------------------------------------------
 
 def test_pretrain_loss_is_the_mean_next_token_nll_over_whole_texts(tiny_config):
@@ -269,7 +278,7 @@ def test_pretrain_loss_is_the_mean_next_token_nll_over_whole_texts(tiny_config):
     loss_mask = real.copy()
     loss_mask[:, 0] = 0  # every token after the first is predicted
     batch = _as_batch(dict(input_ids=ids, loss_mask=loss_mask, segment_ids=real))
-    loss_fn, eval_fn = map(jax.jit, steps.stage_functions("pretrain", graphdef, tiny_config))
+    loss_fn, eval_fn = map(jax.jit, _stage_functions("pretrain", tiny_config))
     loss, (_, weight) = loss_fn(params, None, batch, None)
 
     logits = jax.jit(functools.partial(models.apply, graphdef))(params, ids)
@@ -280,13 +289,13 @@ def test_pretrain_loss_is_the_mean_next_token_nll_over_whole_texts(tiny_config):
     np.testing.assert_allclose(float(eval_fn(params, None, batch)["loss"]), np.mean(token_nll), rtol=1e-5)
 
 
-def test_stage_functions_of_the_baselines(tiny_config):
+def test_stage_loss_functions_of_the_baselines(tiny_config):
     pairs = _random_pairs(4, seed=5)
     batch = _as_batch(layouts.pair_arrays(pairs, "padded", **LAYOUT_SIZES))
     graphdef, params = _decoder(tiny_config)
 
     tiny_config.unlikelihood.alpha = 0.25
-    loss_fn, eval_fn = map(jax.jit, steps.stage_functions("unlikelihood", graphdef, tiny_config))
+    loss_fn, eval_fn = map(jax.jit, _stage_functions("unlikelihood", tiny_config))
     loss, (metrics, _) = loss_fn(params, None, batch, None)
     np.testing.assert_allclose(float(loss), float(metrics["nll"]) + 0.25 * float(metrics["unlikelihood"]),
                                rtol=1e-6)
@@ -296,7 +305,7 @@ def test_stage_functions_of_the_baselines(tiny_config):
     np.testing.assert_allclose(float(evaluated["loss"]), float(loss), rtol=1e-6)
 
     scalar_graphdef, scalar_params = _scalar_model(tiny_config)
-    loss_fn, eval_fn = map(jax.jit, steps.stage_functions("reward", scalar_graphdef, tiny_config))
+    loss_fn, eval_fn = map(jax.jit, _stage_functions("reward", tiny_config))
     loss, (metrics, weight) = loss_fn(scalar_params, None, batch, None)
     chosen, rejected = jax.jit(functools.partial(steps.reward_pair_scores, graphdef=scalar_graphdef))(scalar_params,
                                                                                                      batch)
@@ -306,7 +315,8 @@ def test_stage_functions_of_the_baselines(tiny_config):
     evaluated = eval_fn(scalar_params, None, batch)
     assert {"loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins"} == set(evaluated)
 
-    pretrain_loss, _ = steps.stage_functions("pretrain", graphdef, tiny_config)
+    pretrain_loss, _ = _stage_functions("pretrain", tiny_config)
     assert pretrain_loss.func is steps.sft_loss
-    with pytest.raises(ValueError, match="stage='reinforce'"):
-        steps.stage_functions("reinforce", graphdef, tiny_config)
+    tiny_config.stages = ("reinforce",)
+    with pytest.raises(ValueError, match="'reinforce'"):
+        validation.validate(tiny_config)

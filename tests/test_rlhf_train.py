@@ -5,7 +5,6 @@ import math
 import os
 
 import pytest
-
 from conftest import run_python, workdir_records, workdir_summary
 
 pytestmark = pytest.mark.slow
@@ -53,7 +52,8 @@ def test_a_halted_run_resumes_to_the_same_parameters_and_metrics(rlhf_run, tmp_p
     assert halted.returncode == 3, halted.stderr[-2000:]
     run_python(RLHF + [f"--workdir={workdir}"])
     for stage in ("sft", "reward", "ppo", "unlikelihood"):
-        assert workdir_summary(workdir)[stage]["params_fingerprint"] == workdir_summary(rlhf_run)[stage]["params_fingerprint"], stage
+        assert (workdir_summary(workdir)[stage]["params_fingerprint"]
+                == workdir_summary(rlhf_run)[stage]["params_fingerprint"]), stage
     assert workdir_records(workdir) == workdir_records(rlhf_run)
 
 
@@ -63,7 +63,8 @@ def test_ppo_on_an_eight_device_mesh_matches_one_device(rlhf_run, tmp_path):
                        "--config.mesh.tensor=2"], env=EIGHT_DEVICES)
     sharded = [r for r in workdir_records(workdir) if r["stage"] in ("reward", "ppo")]
     single = [r for r in workdir_records(rlhf_run) if r["stage"] in ("reward", "ppo")]
-    assert [(r["stage"], r["split"], r["step"]) for r in sharded] == [(r["stage"], r["split"], r["step"]) for r in single]
+    assert [(r["stage"], r["split"], r["step"]) for r in sharded] == [
+        (r["stage"], r["split"], r["step"]) for r in single]
     # The rollouts sample tokens, so identical draws need logits equal to rounding: compare the first PPO
     # step (its rollout comes from the same SFT model) and the reward model's whole stage.
     first_ppo = lambda records: [r for r in records if r["stage"] == "ppo"][:2]

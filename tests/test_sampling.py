@@ -112,11 +112,11 @@ def test_generation_stops_at_eos():
 def test_one_compilation_per_length_bucket():
     model = random_model("tiny")
     graphdef, params = _split(model)
-    before = sampling._generate._cache_size()  # pylint: disable=protected-access
+    before = sampling.generate_traced._cache_size()  # pylint: disable=protected-access
     for width in (3, 5, 8):  # all in the bucket of 8
         sampling.generate(graphdef, params, PROMPTS[:, :width], np.minimum(LENGTHS, width), rng=jax.random.key(0),
                           max_new_tokens=4, length_bucket=8)
-    assert sampling._generate._cache_size() == before + 1  # pylint: disable=protected-access
+    assert sampling.generate_traced._cache_size() == before + 1  # pylint: disable=protected-access
 
 
 def test_bad_requests_are_refused():

@@ -8,8 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
-from dpo_jax import checkpointing, configuration, models, scorers
+from dpo_jax import checkpointing, configs, models, scorers, workdir
 from dpo_jax.data import tokenize
 
 POSITIVE_TEXTS = ["What a wonderful, beautiful film. I loved it!", "Great acting and a superb, joyful story."]
@@ -38,7 +37,7 @@ def test_vader_ranks_positive_texts_above_negative_ones_and_ignores_the_prompt()
 def test_vader_missing_names_the_extra(monkeypatch):
     monkeypatch.setitem(sys.modules, "vaderSentiment", None)
     monkeypatch.setitem(sys.modules, "vaderSentiment.vaderSentiment", None)
-    with pytest.raises(ImportError, match=r"pip install -e \.\[repro\]"):
+    with pytest.raises(ImportError, match=r"pip install 'dpo_jax\[repro\]'"):
         scorers.make_scorer("vader")
 
 
@@ -206,7 +205,7 @@ MAX_LENGTH, MAX_PROMPT_LENGTH = 24, 10
 def reward_model(tmp_path_factory):
     """(tokenizer dir, model config, graphdef, params) of a tiny reward model with a random head."""
     tokenizer_dir = _train_tokenizer(tmp_path_factory.mktemp("tokenizer"))
-    model_config = common.model_config("tiny", vocab_size=300)
+    model_config = configs.model_config("tiny", vocab_size=300)
     decoder_config = models.decoder_config(model_config)
     graphdef, _, _ = models.abstract_scalar_model(decoder_config)
     params = models.init_scalar_params(decoder_config, models.init_params(model_config, seed=0, shardings=None),
@@ -250,7 +249,7 @@ def test_reward_model_from_a_workdir(reward_model, tmp_path, tiny_config):
     config = tiny_config
     config.model = model_config
     config.data.update(tokenizer=tokenizer_dir, max_length=MAX_LENGTH, max_prompt_length=MAX_PROMPT_LENGTH)
-    configuration.bind_workdir(config, str(tmp_path))
+    workdir.bind_workdir(config, str(tmp_path))
     checkpoints = checkpointing.StageCheckpoints(str(tmp_path / "checkpoints" / "reward"))
     checkpoints.save(7, {"step": 7, "params": params}, force=True)
     checkpoints.wait()

@@ -8,20 +8,26 @@ import numpy as np
 import optax
 import pytest
 
-from dpo_jax import data, losses, models, steps
+from dpo_jax import losses, models, steps
 from dpo_jax.data import loader
+from dpo_jax.data.task import load_task
 
 
 def _setup(config, stage):
-    task = data.load_task(config)
+    task = load_task(config)
     graphdef, _, _ = models.abstract_model(config.model)
     params = models.init_params(config.model, seed=config.seed, shardings=None)
     optimizer, schedule = steps.make_optimizer(config.train, config[stage])
     state = steps.init_state(params, optimizer, seed=config.seed, live_reference=stage == "dpo")
-    loss_fn, eval_fn = steps.stage_functions(stage, graphdef, config)
+    if stage == "dpo":
+        loss_fn = functools.partial(steps.dpo_loss, graphdef=graphdef, dpo_config=config.dpo)
+        eval_fn = functools.partial(steps.dpo_eval_step, graphdef=graphdef, dpo_config=config.dpo)
+    else:
+        loss_fn = functools.partial(steps.sft_loss, graphdef=graphdef)
+        eval_fn = functools.partial(steps.sft_eval_step, graphdef=graphdef)
     train_step = jax.jit(functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer,
                                            schedule=schedule), donate_argnums=0)
-    arrays = (task.dpo_train, task.dpo_eval) if stage == "dpo" else (task.sft_train, task.sft_eval)
+    arrays = (task.pairs_train, task.pairs_eval) if stage == "dpo" else (task.sft_train, task.sft_eval)
     batches = loader.train_batches(arrays[0], global_batch_size=config.train.global_batch_size, seed=0)
     eval_batch = loader.eval_batches(arrays[1], global_batch_size=config.data.num_eval)[0]
     return state, train_step, batches, jax.jit(eval_fn), eval_batch, graphdef
@@ -111,7 +117,7 @@ def test_bfloat16_compute_keeps_log_probs_and_loss_in_float32(tiny_config):
         graphdef, _, _ = models.abstract_model(tiny_config.model)
         params = models.init_params(tiny_config.model, seed=0, shardings=None)
         reference = models.init_params(tiny_config.model, seed=1, shardings=None)
-        batch = loader.train_batches(data.load_task(tiny_config).dpo_train, global_batch_size=8, seed=0)[0]
+        batch = loader.train_batches(load_task(tiny_config).pairs_train, global_batch_size=8, seed=0)[0]
         logits = models.apply(graphdef, params, batch["chosen_input_ids"])
         logps = losses.sequence_logps(logits, batch["chosen_input_ids"], batch["chosen_loss_mask"])
         loss, (metrics, _) = steps.dpo_loss(params, reference, batch, None, graphdef=graphdef,

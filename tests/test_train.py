@@ -4,7 +4,6 @@ import json
 import os
 
 import pytest
-
 from conftest import run_python, workdir_records, workdir_summary
 
 RUNLOCAL = ["-m", "dpo_jax.main", "--config=configs/quickstart.py:runlocal"]
@@ -23,7 +22,9 @@ def test_workdir_contract(finished_run):
     workdir, result = finished_run
     assert {"config.json", "metrics.jsonl", "summary.json", "tensorboard", "checkpoints"} <= set(os.listdir(workdir))
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["dpo", "sft"]
-    assert any(name.startswith("events.out.tfevents") for name in os.listdir(os.path.join(workdir, "tensorboard")))
+    for stage in ("sft", "dpo"):  # one TensorBoard run per stage
+        assert any(name.startswith("events.out.tfevents")
+                   for name in os.listdir(os.path.join(workdir, "tensorboard", stage))), stage
     with open(os.path.join(workdir, "config.json")) as f:
         assert json.load(f)["dpo"]["beta"] == 0.1
 
@@ -68,7 +69,8 @@ def test_halted_run_resumes_to_the_same_parameters_and_metrics(finished_run, tmp
     assert not os.path.exists(os.path.join(workdir, "summary.json")) or "dpo" not in workdir_summary(workdir)
     run_python(RUNLOCAL + [f"--workdir={workdir}"])
     for stage in ("sft", "dpo"):
-        assert workdir_summary(workdir)[stage]["params_fingerprint"] == workdir_summary(reference_workdir)[stage]["params_fingerprint"]
+        assert (workdir_summary(workdir)[stage]["params_fingerprint"]
+                == workdir_summary(reference_workdir)[stage]["params_fingerprint"])
     assert workdir_records(workdir) == workdir_records(reference_workdir)
 
 
@@ -78,7 +80,8 @@ def test_same_losses_on_one_device_and_on_an_eight_device_mesh(finished_run, tmp
         workdir = str(tmp_path / "_".join(mesh).replace("-", "").replace(".", "_").replace("=", ""))
         run_python(RUNLOCAL + [f"--workdir={workdir}"] + mesh, env=EIGHT_DEVICES)
         sharded, single = workdir_records(workdir), workdir_records(reference_workdir)
-        assert [(r["stage"], r["split"], r["step"]) for r in sharded] == [(r["stage"], r["split"], r["step"]) for r in single]
+        assert [(r["stage"], r["split"], r["step"]) for r in sharded] == [
+            (r["stage"], r["split"], r["step"]) for r in single]
         for a, b in zip(sharded, single):
             # rewards/accuracies is a step function of reward differences that are ~1e-5 this early
             # in DPO, so a rounding difference between meshes can flip a pair; every continuous
@@ -90,8 +93,9 @@ def test_same_losses_on_one_device_and_on_an_eight_device_mesh(finished_run, tmp
 
 @pytest.mark.parametrize("flags,env,message", [
     (["--config.dpo.beta=0"], {}, "config.dpo.beta: must be > 0"),
-    (["--config.dpo.loss_type=nope"], {}, "config.dpo.loss_type: 'nope' is not one of"),
-    (["--config.train.global_batch_size=6"], EIGHT_DEVICES, "config.train.global_batch_size / config.train.grad_accum_steps=6 is not divisible"),
+    (["--config.dpo.loss_type=nope"], {}, "config.dpo.loss_type: ('nope',): each must be one of"),
+    (["--config.train.global_batch_size=6"], EIGHT_DEVICES,
+     "config.train.global_batch_size / config.train.grad_accum_steps=6 is not divisible"),
     (["--config.mesh.data=3"], EIGHT_DEVICES, "config.mesh"),
     (["--config.dpo.betta=0.2"], {}, "betta"),
     (["--config.model.logits_chunk_size=-1"], {}, "config.model.logits_chunk_size: must be >= 0"),

@@ -15,14 +15,13 @@ the prepared dataset's metadata (`builder.info.metadata`), per split.
 
 import collections
 import dataclasses
-import glob
 import hashlib
-import os
 import tarfile
 from typing import Tuple
 
 import tensorflow_datasets as tfds
 
+from dpo_jax import storage
 from dpo_jax.data import records
 
 FEATURES = tfds.features.FeaturesDict({
@@ -42,11 +41,13 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
     MANUAL_DOWNLOAD_INSTRUCTIONS = _MANUAL
     HOMEPAGE = ""
 
-    def __init__(self, *, on_bad_example="error", **kwargs):
+    def __init__(self, *, on_bad_example="error", file_format="array_record", **kwargs):
+        # array_record by default: the random-access format grain reads, and the one TFDS writes
+        # without TensorFlow (its own default, tfrecord, needs it).
         self._bad_examples = {}
         self._on_bad_example = on_bad_example
         records.BadExamples(on_bad_example)  # validates the policy before any work
-        super().__init__(**kwargs)
+        super().__init__(file_format=file_format, **kwargs)
 
     def _info(self):
         return self.dataset_info_from_configs(features=FEATURES, homepage=self.HOMEPAGE,
@@ -79,7 +80,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         except AssertionError:  # no manual_dir given, or it is empty
             manual_dir = None
         if manual_dir is not None:
-            return sorted(path for pattern in patterns for path in glob.glob(os.path.join(manual_dir, pattern)))
+            return sorted(path for pattern in patterns for path in storage.glob(manual_dir, pattern))
         return [str(dl_manager.download(self._url(pattern))) for pattern in patterns]
 
     def _split_generators(self, dl_manager):
@@ -89,7 +90,7 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
             raise FileNotFoundError(f"{self.name}: none of the raw files {self._split_files()} were found")
         return {split: self._generate_examples(paths, split) for split, paths in splits.items()}
 
-    def _generate_examples(self, paths, split):  # pylint: disable=arguments-differ
+    def _generate_examples(self, paths, split):
         bad = records.BadExamples(self._on_bad_example)
         counts = collections.Counter()
         for path in paths:
@@ -299,7 +300,7 @@ class ImdbPrefixes(_Builder):
 
     def _records(self, path):
         """(location, review text) of the labelled reviews of both splits (aclImdb/<split>/<pos|neg>/<id>.txt)."""
-        with tarfile.open(path) as archive:
+        with storage.open_file(path, "rb") as raw, tarfile.open(fileobj=raw) as archive:
             for member in archive:
                 parts = member.name.split("/")
                 if member.isfile() and len(parts) == 4 and parts[2] in ("pos", "neg") and parts[3].endswith(".txt"):
@@ -332,21 +333,20 @@ class FilesConfig(tfds.core.BuilderConfig):
 
     Splits named sft_* hold SFT records ({prompt, completion} or {messages}); the others hold
     preference records ({prompt, chosen, rejected}, chosen/rejected message lists, or the
-    hosted-API format). The config's name hashes the paths, sizes and modification times, so
-    changed files are prepared anew.
+    hosted-API format). The config's name hashes the paths and the files' contents, so a changed
+    file is prepared anew (whatever its size and modification time).
     """
     files: Tuple[Tuple[str, Tuple[str, ...]], ...] = ()
 
     @classmethod
     def of(cls, files):
         """From {split: [paths]}."""
-        files = tuple(sorted((split, tuple(os.path.abspath(p) for p in paths)) for split, paths in files.items()))
+        files = tuple(sorted((split, tuple(storage.absolute(p) for p in paths)) for split, paths in files.items()))
         for split, paths in files:
             for path in paths:
-                if not os.path.isfile(path):
+                if not storage.isfile(path):
                     raise FileNotFoundError(f"preference_files: the {split} file {path} does not exist")
-        state = [(split, path, os.path.getsize(path), os.path.getmtime(path)) for split, paths in files
-                 for path in paths]
+        state = [(split, path, storage.file_digest(path)) for split, paths in files for path in paths]
         return cls(name="files-" + hashlib.sha256(repr(state).encode()).hexdigest()[:16], files=files)
 
 

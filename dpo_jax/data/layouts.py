@@ -97,13 +97,6 @@ def padded_pairs(pairs, *, max_length, max_prompt_length, pad_id=0):
     return arrays, int(any_truncated.sum())
 
 
-def sft_rows(pairs, *, max_length, max_prompt_length, pad_id=0):
-    """SFT on the chosen responses (the DPO paper's Preferred-FT): rows and how many were truncated."""
-    rows, truncated = padded_rows([pair["prompt"] for pair in pairs], [pair["chosen"] for pair in pairs],
-                                  max_length=max_length, max_prompt_length=max_prompt_length, pad_id=pad_id)
-    return rows, int(truncated.sum())
-
-
 # ---------------------------------------------------------------------------------------------
 # Packed and prefix-shared
 # ---------------------------------------------------------------------------------------------
@@ -118,14 +111,12 @@ def pack(sizes, *, capacity, max_items):
 
     Best-fit decreasing fills rows one after another, each item, largest first, in the fullest row
     it fits. Its weakness is the item limit: the small items end up together, in rows full by count
-    long before they are full of tokens (HH's prefix-shared pairs in 1024-slot rows of at most 5:
-    17% padding). Worst-fit decreasing into a fixed number of rows places each item in the row
-    with the most room left (and a free slot): the large items spread over the rows and the small
-    ones fill the gaps they leave (2% on the same pairs). Its number of rows is bisected between the
+    long before they are full of tokens. Worst-fit decreasing into a fixed number of rows places
+    each item in the row with the most room left (and a free slot): the large items spread over the
+    rows and the small ones fill the gaps they leave. Its number of rows is bisected between the
     lower bound (by tokens and by count) and best-fit's. When the limit does not bind, best-fit
-    packs tighter (HH's unshared pairs in 1024-slot rows of at most 8: 1.9% against 5.2%), hence
-    the choice of the two. Deterministic (ties keep index order); the lists come in order of their
-    first (largest) item.
+    packs tighter, hence the choice of the two (docs/data.md has the padding of each on HH).
+    Deterministic (ties keep index order); the lists come in order of their first (largest) item.
     """
     if not len(sizes):
         return []

@@ -26,22 +26,22 @@ flags.DEFINE_integer("max_pairs_per_row", 8, "packed layouts: pairs per row at m
 
 def main(argv):
     del argv
-    from configs import common  # pylint: disable=import-outside-toplevel
-    from dpo_jax import data  # pylint: disable=import-outside-toplevel
-    from dpo_jax.data import layouts, records, tokenize  # pylint: disable=import-outside-toplevel
+    # Imported here, so that --help answers without loading TFDS.
+    from dpo_jax.configs import base_config
+    from dpo_jax.data import layouts, records, task, tokenize
 
     with tempfile.TemporaryDirectory() as scratch:
-        data_config = common.base_config().data
-        data_config.update(name=FLAGS.name, manual_dir=FLAGS.manual_dir, data_dir=FLAGS.data_dir or scratch,
+        data_config = base_config().data
+        data_config.update(name=(FLAGS.name,), manual_dir=FLAGS.manual_dir, data_dir=FLAGS.data_dir or scratch,
                            max_length=FLAGS.max_length, max_prompt_length=FLAGS.max_prompt_length,
                            max_pairs_per_row=FLAGS.max_pairs_per_row)
-        examples, _ = data.read_split(data.prepare(FLAGS.name, data_config), FLAGS.split, data_config)
+        examples, _ = task.read_split(task.prepare(FLAGS.name, data_config), FLAGS.split, data_config)
         texts = [e["prompt"] + e["chosen"] for e in examples] + [e["prompt"] + e["rejected"] for e in examples]
         tokenizer = tokenize.load(tokenize.train_byte_level_bpe(texts, os.path.join(scratch, "bpe"),
                                                                 vocab_size=FLAGS.vocab_size))
         bad = records.BadExamples("skip")
         tokenized = tokenize.tokenize(examples, tokenizer, bad=bad)
-        pairs, num_truncated = data._truncated_pairs(tokenized, data_config, need_rejected=True)  # pylint: disable=protected-access
+        pairs, num_truncated = task.truncated_pairs(tokenized, data_config, need_rejected=True)
         print(f"{FLAGS.name}/{FLAGS.split}: {len(pairs)} pairs ({dict(bad.counts)} skipped), {num_truncated} "
               f"truncated to max_length={FLAGS.max_length}, max_prompt_length={FLAGS.max_prompt_length}; "
               f"byte-level BPE of {FLAGS.vocab_size}")

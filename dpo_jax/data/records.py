@@ -15,6 +15,8 @@ import json
 import os
 import re
 
+from dpo_jax import storage
+
 ON_BAD_EXAMPLE = ("error", "skip")
 HH_ASSISTANT = "\n\nAssistant:"
 _HH_TURN = re.compile(r"\n\n(Human|Assistant):")
@@ -62,8 +64,7 @@ def decode_utf8(raw, location):
 
 
 def _jsonl_records(path):
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rb") as f:
+    with storage.open_file(path, "rb") as raw, (gzip.open(raw) if path.endswith(".gz") else raw) as f:
         for line_number, raw in enumerate(f, 1):
             location = f"{path}:{line_number}"
             if not raw.strip():
@@ -82,7 +83,7 @@ def _jsonl_records(path):
 
 def _json_array_records(path):
     """Items of a JSON array file, each located by the line it starts on."""
-    with open(path, "rb") as f:
+    with storage.open_file(path, "rb") as f:
         raw = f.read()
     try:
         text = raw.decode("utf-8")
@@ -108,8 +109,10 @@ def _json_array_records(path):
 
 
 def _parquet_records(path):
-    import pyarrow.parquet  # pylint: disable=import-outside-toplevel  (only Parquet users need it loaded)
-    for row, record in enumerate(pyarrow.parquet.read_table(path).to_pylist(), 1):
+    import pyarrow.parquet  # only Parquet users need it loaded
+    with storage.open_file(path, "rb") as f:
+        table = pyarrow.parquet.read_table(f)
+    for row, record in enumerate(table.to_pylist(), 1):
         yield f"{path}: row {row}", record
 
 
@@ -119,7 +122,7 @@ def read_records(path, *, json_lines=False):
     `json_lines`: read a .json file as JSONL too (some datasets name their JSONL files .json).
     A file-level error (a .json that is not an array, or cannot be parsed past a point) raises.
     """
-    if not os.path.isfile(path):
+    if not storage.isfile(path):
         raise FileNotFoundError(f"{path}: no such file")
     if path.endswith(".parquet"):
         return _parquet_records(path)
@@ -141,7 +144,7 @@ def text_field(record, key, location):
     return value
 
 
-def _messages(value, key, location):
+def messages_field(value, key, location):
     if not isinstance(value, (list, tuple)) or not all(
             isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
             for m in value):
@@ -149,7 +152,7 @@ def _messages(value, key, location):
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def _example(location, *, pair, prompt="", chosen="", rejected="", prompt_messages=()):
+def example(location, *, pair, prompt="", chosen="", rejected="", prompt_messages=()):
     """The example, once its responses are checked: none empty, and a pair's two not identical."""
     for side in ("chosen", "rejected") if pair else ("chosen",):
         if not {"chosen": chosen, "rejected": rejected}[side].strip():
@@ -160,7 +163,7 @@ def _example(location, *, pair, prompt="", chosen="", rejected="", prompt_messag
             "source": location}
 
 
-def _final_assistant(messages, key, location):
+def final_assistant(messages, key, location):
     if not messages or messages[-1]["role"] != "assistant":
         raise BadExample(location, "wrong type", f"{key!r} must end with an assistant message")
     return messages[-1]["content"]
@@ -174,29 +177,29 @@ def preference_example(record, location):
         # {"input": {"messages": [...]}, "preferred_output": [msg], "non_preferred_output": [msg]}
         if not isinstance(record.get("input"), dict) or "messages" not in record["input"]:
             raise BadExample(location, "missing field", "'input.messages'")
-        prompt = _messages(record["input"]["messages"], "input.messages", location)
+        prompt = messages_field(record["input"]["messages"], "input.messages", location)
         sides = {}
         for side, key in (("chosen", "preferred_output"), ("rejected", "non_preferred_output")):
             if key not in record:
                 raise BadExample(location, "missing field", repr(key))
-            sides[side] = _final_assistant(_messages(record[key], key, location), key, location)
-        return _example(location, pair=True, prompt_messages=prompt, **sides)
+            sides[side] = final_assistant(messages_field(record[key], key, location), key, location)
+        return example(location, pair=True, prompt_messages=prompt, **sides)
     for key in ("chosen", "rejected"):
         if key not in record or record[key] is None:
             raise BadExample(location, "missing field", repr(key))
     if isinstance(record["chosen"], (list, tuple)) or isinstance(record["rejected"], (list, tuple)):
-        chosen = _messages(record["chosen"], "chosen", location)
-        rejected = _messages(record["rejected"], "rejected", location)
+        chosen = messages_field(record["chosen"], "chosen", location)
+        rejected = messages_field(record["rejected"], "rejected", location)
         shared = 0
         while shared < min(len(chosen), len(rejected)) and chosen[shared] == rejected[shared]:
             shared += 1
         if shared != len(chosen) - 1 or shared != len(rejected) - 1:
             raise BadExample(location, "messages differ before the last turn",
                              "chosen and rejected must share all messages but a final assistant message")
-        return _example(location, pair=True, prompt_messages=chosen[:-1],
-                        chosen=_final_assistant(chosen, "chosen", location),
-                        rejected=_final_assistant(rejected, "rejected", location))
-    return _example(location, pair=True, prompt=text_field(record, "prompt", location),
+        return example(location, pair=True, prompt_messages=chosen[:-1],
+                        chosen=final_assistant(chosen, "chosen", location),
+                        rejected=final_assistant(rejected, "rejected", location))
+    return example(location, pair=True, prompt=text_field(record, "prompt", location),
                     chosen=text_field(record, "chosen", location), rejected=text_field(record, "rejected", location))
 
 
@@ -205,10 +208,10 @@ def sft_example(record, location):
     if not isinstance(record, dict):
         raise BadExample(location, "wrong type", f"a record must be a JSON object, got {type(record).__name__}")
     if "messages" in record:
-        messages = _messages(record["messages"], "messages", location)
-        return _example(location, pair=False, prompt_messages=messages[:-1],
-                        chosen=_final_assistant(messages, "messages", location))
-    return _example(location, pair=False, prompt=text_field(record, "prompt", location),
+        messages = messages_field(record["messages"], "messages", location)
+        return example(location, pair=False, prompt_messages=messages[:-1],
+                        chosen=final_assistant(messages, "messages", location))
+    return example(location, pair=False, prompt=text_field(record, "prompt", location),
                     chosen=text_field(record, "completion", location))
 
 
@@ -217,7 +220,8 @@ def sft_example(record, location):
 # ---------------------------------------------------------------------------------------------
 
 def hh_dialogue_messages(dialogue):
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> [{"role": "user"|"assistant", "content"}]; a last empty turn is dropped."""
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> [{"role": "user"|"assistant", "content"}]; a last empty turn
+    is dropped."""
     parts = _HH_TURN.split(dialogue)  # ["", "Human", " text", "Assistant", " text", ...]
     messages = [{"role": "user" if speaker == "Human" else "assistant", "content": content.strip()}
                 for speaker, content in zip(parts[1::2], parts[2::2])]

@@ -43,12 +43,12 @@ Over 5000 reviews (seed 0), VADER's compound score has mean 0.06 and standard de
 All four text splits are distinct reviews of one `make_reviews` sequence, deterministic in `seed`.
 """
 
-import json
 import os
 import shutil
 
 import numpy as np
 
+from dpo_jax import storage
 from dpo_jax.data import tokenize
 
 CORPUS_VERSION = 1  # bump when the generator changes, so that existing corpora are regenerated
@@ -231,16 +231,9 @@ FILES = {"pretrain": "pretrain.jsonl", "pretrain_eval": "pretrain_eval.jsonl", "
 MANIFEST = "manifest.json"
 
 
-def _write_jsonl(path, rows):
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(path + ".tmp", path)
-
-
 def _read_manifest(path):
     try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
+        return storage.read_json(path)
     except (OSError, ValueError):
         return None
 
@@ -271,14 +264,14 @@ def write_corpus(out_dir, *, num_pretrain, num_sft_train, num_sft_eval, seed, vo
     for name, size in sizes.items():
         splits[name], start = reviews[start:start + size], start + size
     for name in ("pretrain", "pretrain_eval"):
-        _write_jsonl(paths[name], [{"text": review} for review in splits[name]])
+        storage.write_jsonl(paths[name], [{"text": review} for review in splits[name]], only_process_zero=False)
     prompt_words = np.random.default_rng([seed, _SPLIT_STREAM])
     for name in ("sft_train", "sft_eval"):
         rows = []
         for review in splits[name]:
             prompt, completion = split_review(review, int(prompt_words.integers(PROMPT_WORDS[0], PROMPT_WORDS[1] + 1)))
             rows.append({"prompt": prompt, "completion": completion})
-        _write_jsonl(paths[name], rows)
+        storage.write_jsonl(paths[name], rows)
 
     tokenizer_tmp = paths["tokenizer"] + ".tmp"
     shutil.rmtree(tokenizer_tmp, ignore_errors=True)
@@ -286,7 +279,5 @@ def write_corpus(out_dir, *, num_pretrain, num_sft_train, num_sft_eval, seed, vo
     shutil.rmtree(paths["tokenizer"], ignore_errors=True)
     os.replace(tokenizer_tmp, paths["tokenizer"])
 
-    with open(manifest_path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(parameters, f, indent=2, sort_keys=True)
-    os.replace(manifest_path + ".tmp", manifest_path)
+    storage.write_json(manifest_path, parameters, only_process_zero=False)
     return paths

@@ -23,7 +23,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import tokenizers
 
-from dpo_jax import models
+from dpo_jax import models, storage
 from dpo_jax.data import records
 
 
@@ -38,10 +38,10 @@ class Tokenized:
 
 def load(path):
     """The tokenizer of `path`: a Hugging Face model directory, or its tokenizer.json."""
-    if os.path.isfile(path):
+    if storage.isfile(path):
         if os.path.basename(path) != "tokenizer.json":
             raise ValueError(f"config.data.tokenizer={path!r}: expected a model directory or its tokenizer.json")
-        path = os.path.dirname(path) or "."
+        path = os.fspath(storage.as_path(path).parent) if storage.is_remote(path) else os.path.dirname(path) or "."
     tokenizer = models.load_tokenizer(path)
     if tokenizer.token_id(tokenizer.eos_token) is None:
         raise ValueError(f"The tokenizer in {path} defines no eos_token (tokenizer_config.json), "
@@ -83,7 +83,8 @@ def _render_chat(tokenizer, messages, response, location):
     if not full.startswith(prompt):
         raise records.BadExample(location, "chat template boundary",
                                  "the rendering with the response does not start with the prompt's rendering "
-                                 f"(prompt ends {prompt[-40:]!r}, full text there {full[len(prompt) - 40:len(prompt)]!r})")
+                                 f"(prompt ends {prompt[-40:]!r}, full text there "
+                                 f"{full[len(prompt) - 40:len(prompt)]!r})")
     return prompt, full[len(prompt):]
 
 
@@ -170,3 +171,15 @@ def tokenize(examples: Sequence[dict], tokenizer, *, bad, check_boundaries=True,
         result.responses.append(example_responses)
         result.sources.append(location)
     return result
+
+
+def check_vocab(pairs, model_config, where):
+    """Raises ValueError naming `where` when a token id of `pairs` ([{name: ids}]) is outside the model's vocabulary."""
+    largest = max(max(max(ids, default=0) for ids in pair.values()) for pair in pairs)
+    vocab_size = model_config.vocab_size
+    if largest >= vocab_size:
+        source = (f"the checkpoint model.init_from_hf={model_config.init_from_hf!r}" if model_config.init_from_hf
+                  else "config.model (a preset, or set by the config file)")
+        raise ValueError(f"{where}: token id {largest} is outside the model's vocabulary of {vocab_size} tokens, from "
+                         f"{source}: the tokenizer that made these ids (data.tokenizer) is not the model's, or "
+                         "config.model.vocab_size is too small for it")

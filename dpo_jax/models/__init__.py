@@ -12,13 +12,13 @@ writes it back in the same format, `load_tokenizer(path)` reads its tokenizer, a
 
 import dataclasses
 import os
-import shutil
+import tempfile
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from dpo_jax import losses, sharding
+from dpo_jax import losses, sharding, storage
 from dpo_jax.models import hf, lora
 from dpo_jax.models.lora import trainable_mask
 from dpo_jax.models.scalar import ScalarModel, abstract_scalar_model, apply_scalar, init_scalar_params
@@ -110,9 +110,10 @@ def apply(graphdef, params, input_ids, positions=None, segment_ids=None, *, mask
 
 
 def apply_token_logps(graphdef, params, input_ids, loss_mask, positions=None, segment_ids=None, *, mask=None,
-                      use_lora=True):
+                      use_lora=True, with_stats=False):
     """log p(input_ids[:, t + 1] | input_ids[:, :t + 1]) [batch, time - 1] float32 where
-    `loss_mask[:, t + 1]` is set, 0 elsewhere; a pure function (arguments as `apply`).
+    `loss_mask[:, t + 1]` is set, 0 elsewhere; a pure function (arguments as `apply`). `with_stats`:
+    (log-probs, the prediction statistics of `losses.token_logps_and_stats`, zeroed the same way).
 
     With the model's `logits_chunk_size > 0`, logits exist only for the scored tokens, a chunk at a
     time (`losses.scored_token_logps`); with 0, the full logits are computed and the unscored
@@ -125,9 +126,14 @@ def apply_token_logps(graphdef, params, input_ids, loss_mask, positions=None, se
     chunk_size = model.config.logits_chunk_size
     if chunk_size:
         hidden = model.features(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
-        return losses.scored_token_logps(hidden[:, :-1], labels, scored, model.unembedding(), chunk_size=chunk_size)
+        return losses.scored_token_logps(hidden[:, :-1], labels, scored, model.unembedding(), chunk_size=chunk_size,
+                                         with_stats=with_stats)
     logits = model(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
-    return jnp.where(scored > 0, losses.token_logps(logits[:, :-1], labels), 0.0)
+    zeroed = lambda values: jnp.where(scored > 0, values, 0.0)
+    if with_stats:
+        logps, stats = losses.token_logps_and_stats(logits[:, :-1], labels)
+        return zeroed(logps), {name: zeroed(values) for name, values in stats.items()}
+    return zeroed(losses.token_logps(logits[:, :-1], labels))
 
 
 def load_hf(path, dtype="float32", *, param_dtype=None, lora_config=None, mesh=None):
@@ -138,7 +144,7 @@ def load_hf(path, dtype="float32", *, param_dtype=None, lora_config=None, mesh=N
     mesh: a mesh from `dpo_jax.sharding.make_mesh` to shard the weights over as they are read, by
         the logical axis rules of `dpo_jax.sharding` (default: the default device).
     """
-    model_config = dict(init_from_hf=os.path.abspath(path), dtype=dtype, param_dtype=param_dtype or dtype)
+    model_config = dict(init_from_hf=storage.absolute(path), dtype=dtype, param_dtype=param_dtype or dtype)
     if lora_config is not None:
         model_config["lora"] = lora_config
     config = decoder_config(model_config)
@@ -164,8 +170,20 @@ def save_hf(model, path, *, dtype=None, max_shard_bytes=5 * 2**30, source=None):
     config = dataclasses.replace(config, lora_rank=0, param_dtype=dtype.name)
     source = source or config.init_from_hf
     base_config = hf.HFConfig.read(source) if source else None
+    if storage.is_remote(path):  # safetensors writes local files: stage the directory, then upload it
+        if any(name.endswith(".safetensors") for name in storage.listdir(path)):
+            raise FileExistsError(f"{path} already holds safetensors files; export into an empty directory")
+        with tempfile.TemporaryDirectory() as staging:
+            _write_hf(config, params, staging, max_shard_bytes, base_config, source)
+            if jax.process_index() == 0:
+                storage.upload_tree(staging, path)
+    else:
+        _write_hf(config, params, path, max_shard_bytes, base_config, source)
+
+
+def _write_hf(config, params, path, max_shard_bytes, base_config, source):
     hf.write_checkpoint(config, params, path, max_shard_bytes=max_shard_bytes, base_config=base_config)
     if source and jax.process_index() == 0:
         for name in hf.TOKENIZER_FILES:
-            if os.path.isfile(os.path.join(source, name)):
-                shutil.copyfile(os.path.join(source, name), os.path.join(path, name))
+            if storage.isfile(storage.join(source, name)):
+                storage.as_path(source).joinpath(name).copy(os.path.join(path, name), overwrite=True)

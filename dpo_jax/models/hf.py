@@ -21,6 +21,7 @@ from jax.experimental import multihost_utils
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
+from dpo_jax import storage
 from dpo_jax.models.transformer import RUNTIME_FIELDS, DecoderConfig
 
 CONFIG_FILE = "config.json"
@@ -49,11 +50,10 @@ class HFConfig(dict):
 
     @classmethod
     def read(cls, path):
-        file = os.path.join(path, CONFIG_FILE)
-        if not os.path.isfile(file):
+        file = storage.join(path, CONFIG_FILE)
+        if not storage.isfile(file):
             raise FileNotFoundError(f"{path} is not a Hugging Face model directory: it has no {CONFIG_FILE}")
-        with open(file, encoding="utf-8") as f:
-            return cls(json.load(f), file)
+        return cls(storage.read_json(file), file)
 
     def need(self, key):
         if self.get(key) is None:
@@ -492,7 +492,7 @@ class _Checkpoint:
     """The safetensors files of a model directory (one file or a sharded index), opened lazily."""
 
     def __init__(self, path):
-        self.path = path
+        self.path = path = storage.local_copy(path)  # safetensors reads local files
         index_path = os.path.join(path, INDEX_FILE)
         if os.path.isfile(index_path):
             with open(index_path, encoding="utf-8") as f:

@@ -14,7 +14,6 @@ on the rest of the batch.
 """
 
 import functools
-import time
 from typing import NamedTuple
 
 import jax
@@ -50,8 +49,8 @@ def _filter_logits(logits, temperature, top_k, top_p):
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "max_new_tokens", "temperature", "top_k", "top_p",
                                              "eos_ids", "pad_id", "use_lora"))
-def _generate(graphdef, params, prompt_ids, prompt_lengths, keys, *, max_new_tokens, temperature, top_k, top_p,
-              eos_ids, pad_id, use_lora):
+def generate_traced(graphdef, params, prompt_ids, prompt_lengths, keys, *, max_new_tokens, temperature, top_k,
+                    top_p, eos_ids, pad_id, use_lora):
     model = nnx.merge(graphdef, params)
     if not use_lora:
         model = nnx.view(model, use_lora=False)
@@ -131,44 +130,8 @@ def generate(graphdef, params, prompt_ids, prompt_lengths, *, rng, max_new_token
                          f"the model's max_position_embeddings={config.max_position_embeddings}")
     bucket = -(-width // length_bucket) * length_bucket
     prompt_ids = np.pad(prompt_ids, ((0, 0), (0, bucket - width)))
-    return _generate(graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths),
+    return generate_traced(graphdef, params, jnp.asarray(prompt_ids), jnp.asarray(prompt_lengths),
                      _sequence_keys(rng, batch),
                      max_new_tokens=max_new_tokens, temperature=float(temperature), top_k=int(top_k),
                      top_p=float(top_p), eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id),
                      use_lora=use_lora)
-
-
-def benchmark(preset="gpt2", *, batch_size=8, prompt_length=64, max_new_tokens=128, temperature=1.0, seed=0):
-    """Generation throughput of a randomly initialised `preset` (configs/common.py) on the default backend.
-
-    Generates batch_size x max_new_tokens tokens (no EOS) after random prompts of `prompt_length`,
-    timing a second call (the first compiles). Returns a dict with `tokens_per_sec` (generated tokens
-    per second, prompt processing included) and `decode_tokens_per_sec` (the same without the
-    prompt: the time of a one-token generation subtracted), and the seconds behind them.
-    """
-    from configs import common  # pylint: disable=import-outside-toplevel
-    from dpo_jax import models  # pylint: disable=import-outside-toplevel
-
-    model_config = common.model_config(preset)
-    graphdef, _, _ = models.abstract_model(model_config)
-    params = models.init_params(model_config, seed=seed, shardings=None)
-    prompts = np.random.RandomState(seed).randint(0, model_config.vocab_size, (batch_size, prompt_length))
-    lengths = np.full(batch_size, prompt_length)
-
-    def seconds(num_tokens):
-        timings = []
-        for _ in range(2):
-            start = time.perf_counter()
-            jax.block_until_ready(generate(graphdef, params, prompts, lengths, rng=jax.random.key(seed),
-                                           max_new_tokens=num_tokens, temperature=temperature,
-                                           length_bucket=prompt_length))
-            timings.append(time.perf_counter() - start)
-        return timings
-
-    compile_and_run, total = seconds(max_new_tokens)
-    _, prompt_only = seconds(1)
-    return dict(preset=preset, backend=jax.default_backend(), batch_size=batch_size, prompt_length=prompt_length,
-                max_new_tokens=max_new_tokens, seconds=total, prompt_seconds=prompt_only,
-                compile_seconds=compile_and_run - total, tokens_per_sec=batch_size * max_new_tokens / total,
-                decode_tokens_per_sec=(batch_size * (max_new_tokens - 1) / (total - prompt_only)
-                                       if total > prompt_only else float("nan")))  # nan: lost in timing noise

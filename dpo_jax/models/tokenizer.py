@@ -15,6 +15,9 @@ from typing import Optional
 
 import tokenizers
 
+from dpo_jax import storage
+from dpo_jax.models.hf import TOKENIZER_FILES
+
 
 @dataclasses.dataclass(frozen=True)
 class Tokenizer:
@@ -52,9 +55,9 @@ class Tokenizer:
         if not self.chat_template:
             raise ValueError(f"The tokenizer in {self.path} has no chat template (not a chat model?)")
         try:
-            import jinja2  # pylint: disable=import-outside-toplevel
-            import jinja2.ext  # pylint: disable=import-outside-toplevel
-            from jinja2 import sandbox  # pylint: disable=import-outside-toplevel
+            import jinja2
+            import jinja2.ext
+            from jinja2 import sandbox
         except ImportError as error:
             raise ImportError("Rendering chat templates needs jinja2: pip install jinja2") from error
 
@@ -104,14 +107,16 @@ def _chat_template(path, tokenizer_config):
 
 
 def load_tokenizer(path):
-    """The tokenizer of the Hugging Face model directory `path`."""
+    """The tokenizer of the Hugging Face model directory `path` (local, or a URL: only its tokenizer
+    files are fetched)."""
+    source, path = path, storage.local_copy(path, names=TOKENIZER_FILES)
     file = os.path.join(path, "tokenizer.json")
     if not os.path.isfile(file):
         hint = (" (it has only a slow-tokenizer file; convert it once with transformers: "
                 "AutoTokenizer.from_pretrained(path).save_pretrained(path))"
                 if any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.model", "vocab.json"))
                 else "")
-        raise FileNotFoundError(f"{path} has no tokenizer.json{hint}")
+        raise FileNotFoundError(f"{source} has no tokenizer.json{hint}")
     tokenizer = tokenizers.Tokenizer.from_file(file)
     tokenizer_config = _read_json(path, "tokenizer_config.json")
     special_map = _read_json(path, "special_tokens_map.json")

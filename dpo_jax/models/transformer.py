@@ -47,7 +47,7 @@ RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_block_size", "logi
 
 @dataclasses.dataclass(frozen=True)
 class DecoderConfig:
-    """Architecture of a decoder; see `configs/common.py:model_config` for the meaning of each field."""
+    """Architecture of a decoder; see `dpo_jax/configs/presets.py:model_config` for the meaning of each field."""
     vocab_size: int
     num_layers: int
     embed_dim: int
@@ -143,10 +143,10 @@ def matmul(x, kernel, *, transposed=False):
     axis) as one 2-D matmul over the flattened leading axes.
 
     The same numbers as `x @ kernel`, but XLA:CPU lowers the weight gradient of a matmul with
-    several batch axes through transposing copies fused into the elementwise backward (200 ms of
-    a 940 ms step of `python -m dpo_jax.bench`, in a profile); a 2-D matmul has a plain
-    transposed-matmul gradient. Flattening is free: the leading axes are contiguous. `transposed`
-    serves a tied embedding [vocab, embed] as the output layer without a transposed copy of it.
+    several batch axes through transposing copies fused into the elementwise backward, a large part
+    of a step in a profile; a 2-D matmul has a plain transposed-matmul gradient. Flattening is free:
+    the leading axes are contiguous. `transposed` serves a tied embedding [vocab, embed] as the
+    output layer without a transposed copy of it.
     """
     out = x.reshape(-1, x.shape[-1]) @ (kernel.T if transposed else kernel)  # XLA folds the .T into the matmul
     return out.reshape(*x.shape[:-1], out.shape[-1])
@@ -390,7 +390,7 @@ def _blockwise_blocks_bwd(num_query_blocks, num_key_blocks, residuals, out_grad)
     the log-sum-exp, the query, key and value gradients of each step scattered into their blocks."""
     query, key, value, mask, out, log_sum_exp, pairs, count = residuals
     scale = 1.0 / math.sqrt(query.shape[-1])
-    # d softmax: rowsum(dO * O), per query; as a contraction, which XLA:CPU runs 6x faster than
+    # d softmax: rowsum(dO * O), per query; as a contraction, which XLA:CPU runs much faster than
     # the multiply-and-reduce it fuses `jnp.sum(dO * O, -1)` into.
     out_dot_grad = jnp.einsum("...d,...d->...", out_grad, out, preferred_element_type=jnp.float32)
     init = tuple(jnp.zeros(x.shape, jnp.float32) for x in (query, key, value))
@@ -416,7 +416,7 @@ def _blockwise_blocks_bwd(num_query_blocks, num_key_blocks, residuals, out_grad)
             logits_grad = probs * (probs_grad - dot) * scale
             k_grad = jnp.einsum("pksm,pkmd->pksd", logits_grad, flat_q, preferred_element_type=jnp.float32)
             # The query gradient contracts the keys, a leading axis of both operands: XLA:CPU runs
-            # such a matmul on its slow generic path (4 ms of a 30 ms layer), and folds a plain
+            # such a matmul on its slow generic path, and folds a plain
             # transpose back into it. The barrier keeps the transposed copy, and the fast path.
             logits_grad_by_query = jax.lax.optimization_barrier(jnp.swapaxes(logits_grad, 2, 3))
             q_grad = jnp.einsum("pkms,pksd->pkmd", logits_grad_by_query, k,

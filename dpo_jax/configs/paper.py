@@ -5,17 +5,20 @@ otherwise; `runlocal` shrinks a run to a tiny model and a few steps that build i
 on a CPU in about a minute.
 """
 
-from configs import common
+from dpo_jax.configs import presets, schema
+from dpo_jax.stages import STAGES
 
 
 def paper_config(preset, *, stages):
-    config = common.base_config()
+    config = schema.base_config()
     config.stages = stages
-    config.model = common.model_config(preset, dtype="bfloat16")
+    config.model = presets.model_config(preset, dtype="bfloat16")
     config.train.optimizer = "rmsprop"
     config.train.global_batch_size = 64
     config.eval.batch_size = 64
-    for stage in ("sft", "dpo", "reward", "ppo", "unlikelihood"):
+    for stage in STAGES:
+        if stage == "pretrain":  # from scratch: its own settings
+            continue
         config[stage].learning_rate = 1e-6
         config[stage].warmup_steps = 150
     config.dpo.beta = 0.1
@@ -28,7 +31,7 @@ def paper_config(preset, *, stages):
 def make_runlocal(config, *, max_length=48, max_prompt_length=16):
     """A tiny model (a 512-token vocabulary) and a few steps of every stage on one data-parallel mesh:
     the whole pipeline in seconds to minutes on CPU."""
-    config.model = common.model_config("tiny", vocab_size=512, num_layers=1, embed_dim=32, num_heads=2,
+    config.model = presets.model_config("tiny", vocab_size=512, num_layers=1, embed_dim=32, num_heads=2,
                                        num_kv_heads=2, mlp_dim=64, max_position_embeddings=64,
                                        hf_model_type=config.model.hf_model_type)
     config.mesh.data, config.mesh.fsdp = -1, 1
@@ -36,7 +39,7 @@ def make_runlocal(config, *, max_length=48, max_prompt_length=16):
     config.train.global_batch_size = 8
     config.train.optimizer = "adamw"
     config.train.log_every_steps = 2
-    for stage in ("pretrain", "sft", "dpo", "reward", "ppo", "unlikelihood"):
+    for stage in STAGES:
         config[stage].num_steps = 4
         config[stage].warmup_steps = 1
         config[stage].learning_rate = 1e-3
