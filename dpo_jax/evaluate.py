@@ -25,7 +25,7 @@ import sys
 
 from absl import app, flags, logging
 
-from dpo_jax import checkpointing, evaluation, restore, scorers, sharding, storage, train
+from dpo_jax import checkpointing, commands, evaluation, restore, scorers, sharding, storage, train
 from dpo_jax.configs import validation
 from dpo_jax.data import task as data_task
 
@@ -148,11 +148,9 @@ def main(argv):
 
 
 def run():
-    """`python -m dpo_jax.evaluate`; --help is not an error."""
+    """`python -m dpo_jax.evaluate`."""
     define_flags()
-    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    app.run(main)
+    commands.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -11,10 +11,10 @@ and generation files. transformers, vLLM and other serving stacks load the resul
 import os
 
 import jax
-from absl import app, flags, logging
+from absl import flags, logging
 from flax import nnx
 
-from dpo_jax import checkpointing, models, restore, sharding, storage
+from dpo_jax import checkpointing, commands, models, restore, sharding, storage
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Run directory (holds config.json and checkpoints/).", required=True)
@@ -55,4 +55,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    app.run(main)
+    commands.run(main, __name__)

@@ -11,7 +11,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dpo_jax import checkpointing, experiment, train
+from dpo_jax import checkpointing, commands, experiment, train
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
@@ -79,13 +79,7 @@ def main(argv):
 
 def run():
     """Console script `dpo-jax` (and `python -m dpo_jax.main`)."""
-    # absl's help lists the flags of the module that sys.argv[0] names, which for a console script
-    # is its launcher: give it this module's flags.
-    for flag in flags.FLAGS.get_key_flags_for_module(__name__):
-        flags.FLAGS.register_key_flag_for_module(sys.argv[0], flag)
-    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):  # asked for: not an error (absl exits 1)
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    app.run(main)
+    commands.run(main, __name__)
 
 
 if __name__ == "__main__":

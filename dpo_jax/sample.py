@@ -40,7 +40,7 @@ import numpy as np
 from absl import app, flags, logging
 from flax import nnx
 
-from dpo_jax import checkpointing, evaluation, models, restore, sharding, storage
+from dpo_jax import checkpointing, commands, evaluation, models, restore, sharding, storage
 from dpo_jax.data import synthetic, tokenize
 
 FLAGS = flags.FLAGS
@@ -259,11 +259,9 @@ def main(argv):
 
 
 def run():
-    """`python -m dpo_jax.sample`; --help is not an error."""
+    """`python -m dpo_jax.sample`."""
     define_flags()
-    if {"-h", "--help", "--helpshort"} & set(sys.argv[1:]):
-        app.usage(shorthelp=True, writeto_stdout=True, exitcode=0)
-    app.run(main)
+    commands.run(main, __name__)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,8 @@
 set -euo pipefail
 usage="usage: $0 NUM_PROCESSES [--dry-run] [--port PORT] -- command ..."
 
-# One word quoted for bash (plain words as they are; control characters as $'...').
-quote() {
-  local word=$1 q rest out=""
-  printf -v q '%q' "$word"
-  if [ "$q" = "$word" ] && [ -n "$word" ]; then printf '%s' "$word"; return; fi
-  case "$word" in *[[:cntrl:]]*) printf '%s' "$q"; return ;; esac
-  rest=$word
-  while [[ "$rest" == *"'"* ]]; do out+="${rest%%"'"*}'\\''"; rest=${rest#*"'"}; done
-  printf "'%s'" "$out$rest"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"
 
 num_processes=""; dry_run=0; port="${PORT:-$((20000 + RANDOM % 20000))}"
 while [ $# -gt 0 ] && [ "$1" != "--" ]; do

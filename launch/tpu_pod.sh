@@ -26,17 +26,8 @@ set -euo pipefail
 usage() { sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed -e '$d' -e 's/^# \{0,1\}//'; }
 die() { echo "tpu_pod.sh: $*" >&2; exit 2; }
 
-# One word quoted for bash: as it is if it needs no quoting, else in single quotes; with control
-# characters (a newline, a tab) as $'...' from printf %q, so that every command stays on one line.
-quote() {
-  local word=$1 q rest out=""
-  printf -v q '%q' "$word"
-  if [ "$q" = "$word" ] && [ -n "$word" ]; then printf '%s' "$word"; return; fi
-  case "$word" in *[[:cntrl:]]*) printf '%s' "$q"; return ;; esac
-  rest=$word
-  while [[ "$rest" == *"'"* ]]; do out+="${rest%%"'"*}'\\''"; rest=${rest#*"'"}; done
-  printf "'%s'" "$out$rest"
-}
+# shellcheck source=launch/quote.sh
+source "$(dirname "${BASH_SOURCE[0]}")/quote.sh"
 # The same for a POSIX shell on the workers: single quotes only (a newline inside them is literal).
 sh_quote() {
   local word=$1 rest out=""
