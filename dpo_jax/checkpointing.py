@@ -14,14 +14,16 @@ One `CheckpointManager` per stage under `<workdir>/checkpoints/<stage>/`.
 
 import logging as std_logging
 import os
+import sys
 import time
+import warnings
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 from orbax.checkpoint import checkpoint_managers as policies
 
-from dpo_jax import storage
+from dpo_jax import fingerprints, storage
 
 
 def _orbax_warnings_only(record):
@@ -31,6 +33,10 @@ def _orbax_warnings_only(record):
 def quiet_orbax_logs():
     """Orbax logs every save and every checkpoint it opens at INFO: keep its warnings and errors only."""
     logging.get_absl_logger().addFilter(_orbax_warnings_only)
+
+
+# The file of a step directory in which Orbax keeps the step's metadata, `custom_metadata` included.
+_STEP_METADATA = "_CHECKPOINT_METADATA"
 
 
 class CheckpointError(RuntimeError):
@@ -67,6 +73,7 @@ class StageCheckpoints:
     def __init__(self, directory, *, max_to_keep=None, save_every_steps=1, save_every_minutes=0.0,
                  best_metric="", best_mode="min"):
         self.directory = storage.absolute(directory)
+        self.restored_step = None
         save_policies = [policies.FixedIntervalPolicy(save_every_steps), policies.PreemptionCheckpointingPolicy()]
         if save_every_minutes:
             save_policies.append(policies.ContinuousCheckpointingPolicy(
@@ -99,14 +106,20 @@ class StageCheckpoints:
         (multi-process runs; JAX's preemption service propagates SIGTERM)."""
         return self._manager.reached_preemption(step)
 
-    def save(self, step, state, *, metrics=None, force=False):
+    def save(self, step, state, *, metrics=None, force=False, start=None):
         """Starts an asynchronous save if the policies say so (or `force`); returns whether it did.
 
+        The step's metadata holds a checksum of every array (`fingerprints.tree_checksums`), which
+        restores verify, and `start`: the digest of what the stage started from (`start_digest`).
         A failure of an earlier asynchronous save surfaces here or in `wait` as CheckpointError;
         the checkpoints written before it are intact.
         """
+        if not force and not self._manager.should_save(step):
+            return False
+        custom_metadata = {"checksums": fingerprints.tree_checksums(state), "start": start}
         try:
-            return self._manager.save(step, args=ocp.args.PyTreeSave(state), metrics=metrics, force=force)
+            return self._manager.save(step, args=ocp.args.PyTreeSave(state), metrics=metrics, force=force,
+                                      custom_metadata=custom_metadata)
         except Exception as error:  # noqa: BLE001 - any write failure is reported the same way
             raise self._write_error(step, error) from error
 
@@ -117,33 +130,91 @@ class StageCheckpoints:
             raise self._write_error(None, error) from error
 
     def _write_error(self, step, error):
+        self._drop_echoes_of_a_failed_save()
         done = [s for s in self._manager.all_steps() if step is None or s < step]
         kept = f"the checkpoint of step {max(done)} is intact" if done else "no earlier checkpoint exists"
         return CheckpointError(f"Could not write a checkpoint to {self.directory} (disk full or not writable?): "
                                f"{type(error).__name__}: {error}. {kept}.")
 
+    @staticmethod
+    def _drop_echoes_of_a_failed_save():
+        """A failed save leaves writes in flight on an event loop Orbax has closed (its `asyncio.gather`
+        does not cancel the other writes when one fails). As they end, each prints a traceback of the
+        same failure, some after the run's error message, up to its exit: TensorStore's callbacks'
+        `RuntimeError: Event loop is closed`, asyncio's "exception was never retrieved" and "coroutine
+        ... was never awaited". The CheckpointError carries the cause; these echoes are dropped."""
+        if getattr(sys.unraisablehook, "drops_closed_loop_echoes", False):
+            return
+        previous_hook = sys.unraisablehook
+        echo = lambda unraisable: (isinstance(unraisable.exc_value, RuntimeError)
+                                   and str(unraisable.exc_value) == "Event loop is closed")
+        hook = lambda unraisable: None if echo(unraisable) else previous_hook(unraisable)
+        hook.drops_closed_loop_echoes = True
+        sys.unraisablehook = hook
+        std_logging.getLogger("asyncio").addFilter(lambda record: "exception was never retrieved" not in
+                                                   record.getMessage())
+        warnings.filterwarnings("ignore", message="coroutine .* was never awaited", category=RuntimeWarning)
+
     def _quarantine(self, step, error):
         """Moves a checkpoint that failed to restore out of the way, keeping its files."""
         quarantine = os.path.join(os.path.dirname(self.directory), "quarantine")
-        target = os.path.join(quarantine, f"{os.path.basename(self.directory)}-{step}-{int(time.time())}")
+        target = os.path.join(quarantine, f"{os.path.basename(self.directory)}-{step}-{time.time_ns()}")
         logging.warning("Checkpoint %s/%d does not restore (%s: %s); moved to %s, trying an older one",
                         self.directory, step, type(error).__name__, str(error).splitlines()[0][:300], target)
         if jax.process_index() == 0:
             storage.move(os.path.join(self.directory, str(step)), target)
         self._manager.reload()
 
+    def _custom_metadata(self, step):
+        """What `save` recorded with `step`. Read here rather than through Orbax, which takes an
+        unreadable metadata file for an empty one."""
+        path = storage.join(self.directory, str(step), _STEP_METADATA)
+        try:
+            metadata = storage.read_json(path)
+        except (OSError, ValueError) as error:
+            raise ValueError(f"its metadata {path} does not read ({type(error).__name__}: {error})") from error
+        if not isinstance(metadata, dict):
+            raise ValueError(f"its metadata {path} is not a JSON object")
+        return metadata.get("custom_metadata") or {}
+
+    def recorded_start(self):
+        """The digest of what the stage started from (`save`'s `start`), as the newest step whose
+        metadata reads recorded it; None if none did."""
+        for step in sorted(self._manager.all_steps(), reverse=True):
+            try:
+                return self._custom_metadata(step).get("start")
+            except ValueError:
+                continue
+        return None
+
+    def _verify(self, step, restored):
+        """Checks the restored arrays against the checksums saved with them: a flipped bit in an array
+        file can decode to a plausible value, which only the checksum tells apart."""
+        saved = self._custom_metadata(step).get("checksums")
+        if saved is None:
+            logging.warning("Checkpoint %s/%d holds no checksums (written by an earlier version); restored "
+                            "unverified", self.directory, step)
+            return restored
+        for name, checksum in fingerprints.tree_checksums(restored).items():
+            if saved.get(name) != checksum:
+                raise ValueError(f"its array {name} does not match the checksum saved with it "
+                                 f"(the checkpoint's files changed after they were written)")
+        return restored
+
     def _restore_newest_good(self, restore_one):
         """Tries the checkpoints newest first; those newer than the first that restores are moved
-        aside. If none restores, nothing is moved (the fault may not be the checkpoints')."""
+        aside. If none restores, nothing is moved (the fault may not be the checkpoints').
+        `restored_step` is the step restored."""
         errors = []
         for step in sorted(self._manager.all_steps(), reverse=True):
             try:
-                restored = restore_one(step)
+                restored = self._verify(step, restore_one(step))
             except Exception as error:  # noqa: BLE001 - whatever is wrong with it, it is not loaded
                 errors.append((step, error))
                 continue
             for bad_step, error in errors:
                 self._quarantine(bad_step, error)
+            self.restored_step = step
             return restored
         detail = "; ".join(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200]}"
                            for step, error in errors) or "it holds no checkpoint"
@@ -156,8 +227,9 @@ class StageCheckpoints:
 
     def restore_params(self, abstract_params):
         """Only the `params` of the newest saved train state that restores."""
+        abstract = {"params": abstract_params}
         return self._restore_newest_good(lambda step: _check_complete(self._manager.restore(
-            step, args=_restore_args({"params": abstract_params}, partial=True))["params"], abstract_params))
+            step, args=_restore_args(abstract, partial=True)), abstract))["params"]
 
     def close(self):
         self._manager.close()

@@ -27,10 +27,10 @@ import numpy as np
 from absl import logging
 from jax.experimental import multihost_utils
 
-from dpo_jax import checkpointing, evaluation, planning, scorers, sharding, storage, train
+from dpo_jax import checkpointing, evaluation, lock, planning, scorers, sharding, storage, train
 from dpo_jax.configs import validation
 from dpo_jax.data import reviews, task, tokenize
-from dpo_jax.workdir import bind_workdir
+from dpo_jax.workdir import bind_workdir, make_workdir
 
 EXPERIMENTS = ("controlled_sentiment",)
 
@@ -40,10 +40,11 @@ def run(config, workdir):
     if config.experiment.name not in EXPERIMENTS:
         raise ValueError(f"config.experiment.name: {config.experiment.name!r} is not one of {EXPERIMENTS}")
     validation.validate(config)
-    storage.makedirs(workdir)
-    if jax.process_index() == 0:
-        bind_workdir(config, workdir)
-    return _controlled_sentiment(config, workdir)
+    make_workdir(workdir)
+    with lock.hold(workdir):  # its runs, in directories of their own, hold theirs
+        if jax.process_index() == 0:
+            bind_workdir(config, workdir)
+        return _controlled_sentiment(config, workdir)
 
 
 def _sub_config(config, stages, **overrides):

@@ -4,14 +4,31 @@ Any config value can be overridden, e.g. `--config.dpo.beta=0.05`. Running again
 workdir resumes from its latest checkpoints.
 """
 
-import os
+import signal
 import sys
 
-import jax
-from absl import app, flags, logging
-from ml_collections import config_flags
+HALTED_EXIT_CODE = 3     # --halt_after_steps reached, checkpoint written
+PREEMPTED_EXIT_CODE = 4  # SIGTERM received, checkpoint written
 
-from dpo_jax import checkpointing, commands, experiment, train
+
+def _terminated_while_starting(signum, frame):
+    del signum, frame
+    print("Error: preempted (SIGTERM) while starting, before the run did any work; rerun the same command",
+          file=sys.stderr)
+    raise SystemExit(PREEMPTED_EXIT_CODE)
+
+
+# First of all, so that a preemption notice during the imports below is answered too; `train.run`
+# installs the handler of the run.
+signal.signal(signal.SIGTERM, _terminated_while_starting)
+
+import os  # noqa: E402
+
+import jax  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
+from ml_collections import config_flags  # noqa: E402
+
+from dpo_jax import checkpointing, commands, experiment, train  # noqa: E402
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file, e.g. configs/quickstart.py[:arg].",
                                           lock_config=True)
@@ -28,9 +45,6 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", int(os.environ.get("JAX_PROCESS
                                    "JAX_PROCESS_ID" in os.environ else None,
                                    "This process's index, with --coordinator_address ($JAX_PROCESS_ID).")
 flags.mark_flags_as_required(["config", "workdir"])
-
-HALTED_EXIT_CODE = 3     # --halt_after_steps reached, checkpoint written
-PREEMPTED_EXIT_CODE = 4  # SIGTERM received, checkpoint written
 
 
 def _cluster_environment():
@@ -73,6 +87,10 @@ def main(argv):
         sys.exit(f"Error: {error}")
     except ValueError as error:  # a config or workdir problem: say it plainly, without a traceback
         sys.exit(f"Error: {error}")
+    except OSError as error:  # a full disk or an unwritable workdir (storage's writes name the file)
+        if error.filename is None:
+            raise
+        sys.exit(f"Error: {error.filename}: {error.strerror}")
     if jax.process_index() == 0:
         print(train.format_report(summary))
 

@@ -9,6 +9,7 @@ same data and reference reuses the file, and any change to either recomputes it.
 
 import hashlib
 import os
+import zipfile
 
 import jax
 import numpy as np
@@ -32,6 +33,35 @@ def _compute(arrays, params, *, graphdef, mesh, param_shardings, batch_size, des
     return {key: np.concatenate([out[key] for out in outputs])[:num_pairs] for key in outputs[0]}
 
 
+CACHED_KEYS = ("reference_chosen_logps", "reference_rejected_logps")
+
+
+def _read_cache(path, splits):
+    """{split: {key: log-probs}} of the cache file `path`, checked against the splits' arrays; a file
+    that is not such a cache (corrupt, forged, pickled) is a ValueError naming it. Never unpickles."""
+    retry = "; delete it to compute the reference log-probs again"
+    try:
+        with storage.open_file(path, "rb") as f:
+            cached = np.load(f, allow_pickle=False)
+            if not isinstance(cached, np.lib.npyio.NpzFile):
+                raise ValueError("a single array, not an .npz archive")
+            with cached:
+                logps = {name: {k[len(name) + 1:]: cached[k] for k in cached.files if k.startswith(name + "/")}
+                         for name in splits}
+    except (ValueError, OSError, EOFError, KeyError, zipfile.BadZipFile) as error:
+        problem = "it holds pickled data, which is never loaded" if "pickle" in str(error) else error
+        raise ValueError(f"{path}: not a readable reference log-probs cache ({problem}){retry}") from None
+    for name, arrays in splits.items():
+        shape = arrays["pair_mask"].shape if "pair_mask" in arrays else (len(next(iter(arrays.values()))),)
+        for key in CACHED_KEYS:
+            value = logps[name].get(key)
+            if value is None or value.dtype.kind != "f" or value.shape != shape:
+                found = "absent" if value is None else f"{value.dtype}{list(value.shape)}"
+                raise ValueError(f"{path}: not a reference log-probs cache of this data: {name}/{key} is {found}, "
+                                 f"expected float{list(shape)}{retry}")
+    return logps
+
+
 def with_reference_logps(splits, params, *, graphdef, mesh, param_shardings, batch_size, cache_dir):
     """Each split's arrays plus `reference_chosen_logps` / `reference_rejected_logps` [pairs] float32."""
     key = hashlib.sha256("".join([fingerprints.params_fingerprint(params)] + [
@@ -40,9 +70,7 @@ def with_reference_logps(splits, params, *, graphdef, mesh, param_shardings, bat
     path = os.path.join(cache_dir, f"{key}.npz")
     if storage.exists(path):
         logging.info("Reference log-probs from %s", path)
-        with storage.open_file(path, "rb") as f, np.load(f) as cached:
-            logps = {name: {k[len(name) + 1:]: cached[k] for k in cached.files if k.startswith(name + "/")}
-                     for name in splits}
+        logps = _read_cache(path, splits)
     else:
         logps = {name: _compute(arrays, params, graphdef=graphdef, mesh=mesh, param_shardings=param_shardings,
                                 batch_size=batch_size, desc=f"reference log-probs ({name})")

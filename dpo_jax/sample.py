@@ -144,7 +144,9 @@ def _prompt_ids(record, location, tokenizer):
         text = record["prompt"]
         if not isinstance(text, str):
             raise ValueError(f"{location}: prompt must be a string")
-    ids = tokenizer.encode(text, add_special_tokens=False)
+    # A plain prompt is text from data: its special tokens' text stays text, as in training.
+    ids = (tokenizer.encode(text, add_special_tokens=False) if "messages" in record
+           else tokenizer.encode_text([text])[0])
     bos_id = tokenize.added_bos(tokenizer)
     if bos_id is not None and ids[:1] != [bos_id]:  # as `tokenize.tokenize` encodes the training prompts
         ids = [bos_id] + ids

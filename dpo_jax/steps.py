@@ -365,19 +365,24 @@ def train_step(state: TrainState, batch, *, loss_fn, optimizer, schedule, micro_
     if axis_name is not None:
         (loss, metrics, grads), weight = jax.lax.psum(((loss, metrics, grads), weight), axis_name)
     loss, metrics, grads = jax.tree.map(lambda x: x / weight, (loss, metrics, grads))
-    # A non-finite loss or gradient skips the update (the batch is still consumed), so one bad
-    # batch cannot poison the parameters; the host counts these steps from the `nonfinite` metric.
-    trained_grads = [g for g, train in zip(jax.tree.leaves(grads), jax.tree.leaves(trainable))
-                     if train] if trainable is not None else jax.tree.leaves(grads)
-    grad_norm = optax.global_norm(trained_grads)
-    # One pass over the gradients for both: the norm is non-finite if any gradient is, or if their
-    # squares overflow float32 (|g| > 1e19), a step whose Adam moments would be poisoned anyway.
-    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    # A non-finite loss, gradient or updated parameter skips the update (the batch is still consumed),
+    # so one bad batch cannot poison the parameters; the host counts these steps from `nonfinite`.
+    trained = lambda tree: ([leaf for leaf, train in zip(jax.tree.leaves(tree), jax.tree.leaves(trainable)) if train]
+                            if trainable is not None else jax.tree.leaves(tree))
+    grad_norm = optax.global_norm(trained(grads))
 
     def update(params, opt_state):
         updates, opt_state = optimizer.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
 
+    # The updated parameters must be finite too: finite gradients can still make them NaN or inf (an
+    # overflowing update). Only their norm is taken here, one reduction over the update's elementwise
+    # math (XLA:CPU keeps one parameter-sized temporary for it); the update itself then runs in place
+    # in the cond.
+    # One pass for each check: a norm is non-finite if any element is, or if the squares overflow
+    # float32 (|x| > 1e19), a step whose Adam moments would be poisoned anyway.
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    finite &= jnp.isfinite(optax.global_norm(trained(update(state.params, state.opt_state)[0])))
     # A cond rather than a select of old and new values: the update then runs in place in the
     # donated buffers, without copying the optimizer state every step.
     params, opt_state = jax.lax.cond(finite, update, lambda *kept: kept, state.params, state.opt_state)

@@ -6,8 +6,10 @@ init_from, the reference cache, export --out, scorer model dirs) goes through he
 take the same URLs (TensorStore writes their arrays), and TFDS its data_dir.
 
 Writes cannot tear: a local file is written beside its path and renamed over it; an object is
-uploaded whole (object stores make an upload visible at once or not at all). Object stores cannot
-append, so writers that append locally (metrics.jsonl) rewrite the object instead (`metrics`).
+uploaded whole (object stores make an upload visible at once or not at all). A write that fails
+(a full disk) leaves the file as it was and no temporary file, and raises an OSError naming the
+path. Object stores cannot append, so writers that append locally (metrics.jsonl) rewrite the
+object instead (`metrics`).
 Readers that need a local file (tokenizers, safetensors, Hugging Face checkpoints) get a local copy
 of a remote path (`local_copy`). `only_process_zero` writes skip every other process of a
 multi-process run, which computes the same content.
@@ -110,17 +112,30 @@ def open_file(path, mode="r"):
 
 
 def _atomic_write(path, write, mode):
-    if is_remote(path):
-        with open_file(path, mode) as f:  # one upload, visible when complete
+    """Calls `write(file)` on a temporary file renamed to `path` when complete (an object: its upload).
+    An OSError is raised naming `path`: one from `write` or `close` (a full disk) names no file."""
+    temporary = None
+    try:
+        if is_remote(path):
+            with open_file(path, mode) as f:  # one upload, visible when complete
+                write(f)
+            return
+        directory = os.path.dirname(path)
+        if directory:
+            os.makedirs(directory, exist_ok=True)
+        temporary = f"{path}.tmp"
+        with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
             write(f)
-        return
-    directory = os.path.dirname(path)
-    if directory:
-        os.makedirs(directory, exist_ok=True)
-    temporary = f"{path}.tmp"
-    with open(temporary, mode, **({} if "b" in mode else {"encoding": "utf-8"})) as f:
-        write(f)
-    os.replace(temporary, path)
+        os.replace(temporary, path)
+    except BaseException as error:
+        if temporary is not None:
+            try:
+                os.remove(temporary)
+            except OSError:  # never created, or the disk refuses this too: the error to report is `error`
+                pass
+        if isinstance(error, OSError) and error.errno is not None:
+            raise OSError(error.errno, error.strerror or os.strerror(error.errno), os.fspath(path)) from error
+        raise
 
 
 def _skipped(only_process_zero):

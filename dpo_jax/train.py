@@ -7,6 +7,7 @@ where its parameters start and what it hands to the next stage.
 """
 
 import collections
+import json
 import signal
 import time
 
@@ -14,13 +15,14 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 
-from dpo_jax import checkpointing, evaluation, fingerprints, planning, scorers, sharding, stages, storage
+from dpo_jax import checkpointing, evaluation, fingerprints, lock, planning, scorers, sharding, stages, storage
 from dpo_jax.configs import validation
 from dpo_jax.data import loader
 from dpo_jax.data import task as data_task
 from dpo_jax.metrics import METRICS_LAG, MetricWriter, progress_bar, to_python
-from dpo_jax.workdir import check_workdir, write_config
+from dpo_jax.workdir import check_workdir, make_workdir, write_config
 
 
 class Halted(Exception):
@@ -32,15 +34,21 @@ class Preempted(Exception):
 
 
 class NonFiniteError(RuntimeError):
-    """Raised after `train.max_nonfinite_steps` steps in a row had a non-finite loss or gradient."""
+    """Raised after `train.max_nonfinite_steps` steps in a row had a non-finite loss, gradient or update."""
 
 
 _SIGTERM_RECEIVED = []
+_IN_STAGE_LOOP = []  # non-empty while a stage's loop runs, which saves a checkpoint before it stops
 
 
 def _on_sigterm(signum, frame):
+    """A preemption notice: the stage loop saves its step and stops; elsewhere (data preparation,
+    compiling, between stages) there is nothing unsaved, so the run stops at once."""
     del signum, frame
     _SIGTERM_RECEIVED.append(time.time())
+    if not _IN_STAGE_LOOP:
+        raise Preempted("preempted (SIGTERM) outside a stage's training loop; every finished step is saved, "
+                        "rerun the same command to resume")
 
 
 def _preempted(checkpoints, step):
@@ -61,7 +69,7 @@ class _LaggedMetrics:
     def __init__(self, stage, writer, bar, max_nonfinite_steps, tokens_before=0):
         self.stage, self.writer, self.bar, self.max_nonfinite_steps = stage, writer, bar, max_nonfinite_steps
         self.pending = collections.deque()
-        self.nonfinite_in_a_row = self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0
         self.window_start, self.window_tokens = time.perf_counter(), 0
         self.num_tokens = tokens_before
 
@@ -80,15 +88,14 @@ class _LaggedMetrics:
         self.num_tokens += tokens
         if metrics.pop("nonfinite"):
             self.nonfinite_in_a_row += 1
-            self.nonfinite_total += 1
             ids = np.asarray(example_ids).tolist()
-            logging.warning("%s step %d: non-finite loss or gradient, update skipped (examples %s)",
+            logging.warning("%s step %d: non-finite loss, gradient or update, update skipped (examples %s)",
                             self.stage, step, ids)
             self.writer.write(self.stage, "nonfinite", step, {"loss": metrics["loss"]}, example_ids=ids)
             if self.nonfinite_in_a_row >= self.max_nonfinite_steps:
                 raise NonFiniteError(
                     f"{self.stage}: {self.nonfinite_in_a_row} steps in a row up to step {step} had a non-finite "
-                    f"loss or gradient (train.max_nonfinite_steps={self.max_nonfinite_steps}); their updates "
+                    f"loss, gradient or update (train.max_nonfinite_steps={self.max_nonfinite_steps}); their updates "
                     f"were skipped, so the checkpoints hold the last good parameters. Last batch: examples {ids}")
         else:
             self.nonfinite_in_a_row = 0
@@ -134,9 +141,21 @@ def run(config, workdir, *, halt_after_steps=None):
     `halt_after_steps`: stop (raising `Halted`) after this many optimizer steps in this process,
     once a checkpoint of that step is written, e.g. to split a run over time-limited jobs.
     """
+    _SIGTERM_RECEIVED.clear()
+    # Across processes JAX's preemption service handles SIGTERM; a single process catches it here.
+    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm) if jax.process_count() == 1 else None
+    try:
+        validation.validate(config)
+        make_workdir(workdir)
+        with lock.hold(workdir):  # from before the workdir is read until the run ends
+            return _run(config, workdir, halt_after_steps)
+    finally:
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
+
+
+def _run(config, workdir, halt_after_steps):
     # ----------------------------------------------------------------------------- workdir
-    validation.validate(config)
-    storage.makedirs(workdir)
     mesh = sharding.make_mesh(config.mesh)
     sharding.check_batch_size(config.train.global_batch_size // config.train.grad_accum_steps, mesh,
                               "config.train.global_batch_size / config.train.grad_accum_steps")
@@ -158,29 +177,31 @@ def run(config, workdir, *, halt_after_steps=None):
     results = {}
     last_policy_stage = None  # (stage, plan, the results it started from): where a sample evaluation's reference is
     summary = _read_summary(workdir)
+    # Examples per dataset and split, bad ones skipped by reason, truncated ones.
+    summary["data"] = json.loads(json.dumps(task.report, default=lambda value: np.asarray(value).tolist()))
     writer = MetricWriter(workdir)
     budget = [halt_after_steps]  # steps this process may still take (None: unbounded)
-    _SIGTERM_RECEIVED.clear()
-    # Across processes JAX's preemption service handles SIGTERM; a single process catches it here.
-    previous_handler = signal.signal(signal.SIGTERM, _on_sigterm) if jax.process_count() == 1 else None
     try:
         for name in config.stages:
             stage = stages.STAGES[name]
             plan = stage.plan(config, mesh, model, task)
-            final, summary[name] = _run_stage(stage, plan, config, workdir, mesh, task, model, results,
-                                              summary.get(name), writer, budget)
+            done = summary.get(name)
+            final, summary[name] = _run_stage(stage, plan, config, workdir, mesh, task, model, results, done,
+                                              writer, budget)
+            if summary[name] is not done:  # trained in this invocation: what was evaluated after it is stale
+                summary.pop("evaluation", None)
             outputs = stage.outputs(final)
             if "policy" in outputs:
                 last_policy_stage = (stage, plan, dict(results))
             results.update(outputs)
             storage.write_json(storage.join(workdir, "summary.json"), summary)
+        # In the order of config.stages, for the report (summary.json sorts its keys).
+        summary = {**{name: summary[name] for name in config.stages}, **summary}
         if (config.evaluation.scorer or config.evaluation.judge) and "evaluation" not in summary:
             summary["evaluation"] = _evaluate_samples(config, workdir, task, model, results, last_policy_stage)
             storage.write_json(storage.join(workdir, "summary.json"), summary)
     finally:
         writer.close()
-        if previous_handler is not None:
-            signal.signal(signal.SIGTERM, previous_handler)
     return summary
 
 
@@ -189,15 +210,33 @@ def _run_stage(stage, plan, config, workdir, mesh, task, model, results, done, w
     name, stage_config = stage.name, config[stage.name]
     train_arrays, eval_arrays, mixture = task.arrays(stage.data)
 
-    checkpoints = checkpointing.StageCheckpoints(
+    num_steps = stage_config.num_steps
+    open_checkpoints = lambda: checkpointing.StageCheckpoints(
         storage.join(workdir, "checkpoints", name), max_to_keep=config.checkpoint.max_to_keep,
         save_every_steps=config.checkpoint.every_steps, save_every_minutes=config.checkpoint.every_minutes,
         best_metric=config.checkpoint.best_metric, best_mode=config.checkpoint.best_mode)
+    checkpoints = open_checkpoints()
     latest = checkpoints.latest_step()
-    if done is not None and latest == stage_config.num_steps:  # finished in an earlier invocation
-        params = checkpoints.restore_params(plan.param_plan.abstract_params)
+    if latest is not None and latest > num_steps:
         checkpoints.close()
-        return params, done
+        raise ValueError(f"config.{name}.num_steps={num_steps} is below step {latest}, saved in "
+                         f"{checkpoints.directory}: a stage cannot be shortened. Set num_steps >= {latest}, or use "
+                         f"a new --workdir.")
+    # What the stage starts from, the earlier stages' outputs, is recorded with each of its checkpoints;
+    # checkpoints trained from something else (an earlier stage trained again) are set aside.
+    start = fingerprints.tree_digest(results)
+    recorded = checkpoints.recorded_start()
+    if recorded not in (None, start):
+        checkpoints.close()
+        _set_aside(storage.join(workdir, "checkpoints", name), workdir, name)
+        checkpoints, latest, done = open_checkpoints(), None, None
+    if done is not None and latest == num_steps:  # finished in an earlier invocation
+        params = checkpoints.restore_params(plan.param_plan.abstract_params)
+        if checkpoints.restored_step == num_steps:
+            checkpoints.close()
+            return params, done
+        del params  # its final checkpoint did not restore: train again from the one that did
+        latest = checkpoints.latest_step()
 
     # Data derived from the starting point (a precomputed reference) needs it on resume too;
     # training never holds it.
@@ -234,11 +273,14 @@ def _run_stage(stage, plan, config, workdir, mesh, task, model, results, done, w
             metrics = eval_step(state.params, state.ref_params, sharding.global_batch(local_batch, mesh))
             totals = metrics if totals is None else jax.tree.map(jnp.add, totals, metrics)
         metrics = to_python(jax.tree.map(lambda total: total / len(eval_batches), totals))
+        best_metric = config.checkpoint.best_metric
+        if best_metric and best_metric not in metrics:  # before any checkpoint is saved with it
+            raise ValueError(f"config.checkpoint.best_metric={best_metric!r} is not an eval metric of stage {name} "
+                             f"(it has {', '.join(sorted(metrics))})")
         writer.write(name, "eval", step, metrics)
         return metrics
 
     # ------------------------------------------------------------------------- loop
-    num_steps = stage_config.num_steps
     eval_metrics = None if resumed else evaluate(0)  # a resumed run recorded its step-0 eval already
     bar = progress_bar(name, start_step, num_steps)
     # Step metrics are read a few steps late, so the host never waits for the device.
@@ -251,9 +293,10 @@ def _run_stage(stage, plan, config, workdir, mesh, task, model, results, done, w
         lagged.drain()
         writer.flush()
         if checkpoints.latest_step() != int(state.step):
-            checkpoints.save(int(state.step), state, force=True)
+            checkpoints.save(int(state.step), state, force=True, start=start)
         raise exception
 
+    _IN_STAGE_LOOP.append(name)
     try:
         for step in range(start_step, num_steps):
             if budget[0] == 0:
@@ -280,7 +323,8 @@ def _run_stage(stage, plan, config, workdir, mesh, task, model, results, done, w
                 # rewrites exactly the records after its checkpoint.
                 lagged.drain()
                 writer.flush()
-                checkpoints.save(completed, state, metrics=eval_metrics if with_best else None, force=force)
+                checkpoints.save(completed, state, metrics=eval_metrics if with_best else None, force=force,
+                                 start=start)
             if _preempted(checkpoints, completed):
                 stop(Preempted(f"{name}: preempted; saved step {completed}, rerun the same command to resume"))
         lagged.drain()
@@ -288,6 +332,9 @@ def _run_stage(stage, plan, config, workdir, mesh, task, model, results, done, w
         bar.close()
         checkpoints.wait()
         checkpoints.close()
+        _IN_STAGE_LOOP.clear()
+    if _SIGTERM_RECEIVED:  # a notice during the last save, which is complete now
+        raise Preempted(f"{name}: preempted; saved step {num_steps}, rerun the same command to resume")
     wall = time.perf_counter() - started
 
     # ------------------------------------------------------------------------- summary
@@ -300,8 +347,26 @@ def _run_stage(stage, plan, config, workdir, mesh, task, model, results, done, w
         "wall_seconds": wall,  # of the invocation that finished the stage
         "tokens_per_sec": tokens / wall if tokens else None,
         "params_fingerprint": fingerprints.params_fingerprint(state.params),
-        "nonfinite_steps": lagged.nonfinite_total,  # skipped updates in the invocation that finished the stage
+        "nonfinite_steps": _nonfinite_steps(writer, name),
     }
+
+
+def _nonfinite_steps(writer, stage):
+    """Steps of `stage` whose update was skipped as non-finite, over every invocation (their records)."""
+    return sum(1 for record in writer.records() if record["stage"] == stage and record["split"] == "nonfinite")
+
+
+def _set_aside(directory, workdir, stage):
+    """Moves the checkpoints of a stage trained from other parameters than it now starts from out of
+    the way (kept, never deleted), so that it trains again."""
+    target = storage.join(workdir, "checkpoints", "superseded", f"{stage}-{time.time_ns()}")
+    logging.warning("%s: the checkpoints in %s were trained from other parameters than the stage now starts "
+                    "from (an earlier stage was trained again); moved to %s, training %s again", stage, directory,
+                    target, stage)
+    if jax.process_index() == 0:
+        storage.move(directory, target)
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(f"dpo_jax.train: {stage} set aside")
 
 
 def _evaluate_samples(config, workdir, task, model, results, last_policy_stage):
@@ -324,12 +389,19 @@ def format_report(summary):
     """The end-of-run table: per stage, its heading and its own lines (`Stage.report`; DPO: before and
     after); then the sample evaluation, if any."""
     lines = []
+    for where, counts in summary.get("data", {}).items():
+        if counts.get("skipped"):
+            reasons = ", ".join(f"{reason} {count}" for reason, count in sorted(counts["skipped"].items()))
+            lines.append(f"data {where}: {sum(counts['skipped'].values())} bad examples skipped ({reasons})")
     for name, result in summary.items():
-        if name == "evaluation":
+        if name not in stages.STAGES:
             continue
         lines.append(f"{name}: {result['steps']} steps, {result['wall_seconds']:.1f} s, "
                      f"fingerprint {result['params_fingerprint'][:12]}")
-        lines += stages.STAGES[name].report(result) if name in stages.STAGES else []
+        if result.get("nonfinite_steps"):
+            lines.append(f"  {result['nonfinite_steps']} updates skipped as non-finite (metrics.jsonl: split "
+                         f"\"nonfinite\")")
+        lines += stages.STAGES[name].report(result)
     if "evaluation" in summary:
         evaluation_result = summary["evaluation"]
         kl = f", KL to reference {evaluation_result['kl']:.4f}" if "kl" in evaluation_result else ""

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -22,13 +23,52 @@ def run_config(name, arg=None):
     return load_config(config_path(name) + (f":{arg}" if arg else ""))
 
 
+# The first line of a crash report: absl's FATAL log line (a failed CHECK in XLA), faulthandler's, an
+# uncaught C++ exception's.
+_CRASH_REPORTS = re.compile(r"^(F\d{4} \d\d:\d\d:\d\d|Fatal Python error|terminate called)", re.MULTILINE)
+
+
+def _excerpt(text, head=3000, tail=4000, crash=2000):
+    """`text`, or its first `head` and last `tail` characters and `crash` characters from the first line of
+    each crash report in between, marking what was cut: the reason of an abort comes before the thread
+    stacks that end stderr."""
+    if len(text) <= head + tail:
+        return text
+    keep = [(0, head), (len(text) - tail, len(text))]
+    first = {}
+    for match in _CRASH_REPORTS.finditer(text, head, len(text) - tail):
+        first.setdefault(match.group(1)[:5], match.start())
+    keep += [(start, start + crash) for start in first.values()]
+    parts, end = [], 0
+    for start, stop in sorted(keep):
+        if start > end:
+            parts.append(f"\n[... {start - end} characters cut ...]\n")
+        parts.append(text[max(start, end):stop])
+        end = max(end, stop)
+    return "".join(parts)
+
+
+def host_devices(count):
+    """The environment of a subprocess with `count` CPU devices.
+
+    XLA:CPU aborts a process whose devices do not all reach a collective within
+    `--xla_cpu_collective_call_terminate_timeout_seconds` (40 s), with `Fatal Python error: Aborted`
+    in its `ThunkExecutor`. A multi-device test aborted that way once, on a loaded machine, and its
+    message matches that timeout's; load alone did not reproduce it in 40 minutes of trying, so this
+    is the likeliest cause, not a confirmed one. Here devices are threads sharing two cores: a
+    generous timeout keeps load from aborting a test, while a real deadlock still ends in one.
+    """
+    return {"XLA_FLAGS": f"--xla_force_host_platform_device_count={count} "
+                         "--xla_cpu_collective_call_terminate_timeout_seconds=600"}
+
+
 def run_python(args, *, env=None, check=True, timeout=600):
     """Runs `python args...` from the repo root in a fresh process; returns the CompletedProcess."""
     full_env = {**os.environ, **(env or {})}
     result = subprocess.run([sys.executable, *args], cwd=REPO, env=full_env, capture_output=True, text=True,
                             timeout=timeout)
     if check and result.returncode != 0:
-        raise AssertionError(f"python {' '.join(args)} failed ({result.returncode}):\n{result.stderr[-4000:]}")
+        raise AssertionError(f"python {' '.join(args)} failed ({result.returncode}):\n{_excerpt(result.stderr)}")
     return result
 
 
@@ -46,3 +86,16 @@ def workdir_records(workdir, drop=("tokens_per_sec",)):
 def workdir_summary(workdir):
     with open(os.path.join(workdir, "summary.json"), encoding="utf-8") as f:
         return json.load(f)
+
+
+@pytest.fixture(scope="session")
+def emulator():
+    """A GCS emulator on localhost for the session (`gcs_emulator.Emulator`); its `env` points clients at it."""
+    from gcs_emulator import Emulator  # pylint: disable=import-outside-toplevel
+
+    try:
+        server = Emulator()
+    except RuntimeError as error:
+        pytest.skip(f"no GCS emulator: {error}")
+    yield server
+    server.stop()

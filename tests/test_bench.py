@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import SHARED_DATA, config_path, run_config, run_python
+from conftest import SHARED_DATA, config_path, host_devices, run_config, run_python
 from flax import nnx
 
 from dpo_jax import bench, models, steps
@@ -211,7 +211,7 @@ print(json.dumps(result))
 def test_plan_memory_matches_the_measured_train_state():
     """--plan's per-device train-state bytes against a real state on 8 CPU devices, for three meshes."""
     result = _last_json(run_python(["-c", PLAN_CHECK, config_path("quickstart")],
-                                   env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}))
+                                   env=host_devices(8)))
     for mesh_text, figures in result.items():
         assert figures["planned"] == pytest.approx(figures["measured"], rel=0.03), mesh_text
 

@@ -105,13 +105,11 @@ def test_a_boundary_failure_can_be_allowed(byte_tokenizer):
     assert result.prompts[0] + result.responses[0][0][:-1] == encode("how do I bake ") + encode("bread")
 
 
-def test_an_eos_inside_a_response_is_an_error_and_one_at_the_end_is_not_doubled(byte_tokenizer):
-    with pytest.raises(records.BadExample, match="end-of-generation token inside"):
-        _tokenize(byte_tokenizer, [_example("Human: hi", " yes<|endoftext|> no")])
-    result = _tokenize(byte_tokenizer, [_example("Human: hi", " yes<|endoftext|>")])
-    eos_id = byte_tokenizer.token_id("<|endoftext|>")
-    assert result.responses[0][0][-1] == eos_id and result.responses[0][0].count(eos_id) == 1
-
+def test_an_eos_text_in_a_response_is_text_and_the_eos_is_added_once(byte_tokenizer):
+    result = _tokenize(byte_tokenizer, [_example("Human: hi", " yes<|endoftext|> no")])
+    eos_id, response = byte_tokenizer.token_id("<|endoftext|>"), result.responses[0][0]
+    assert response[-1] == eos_id and response.count(eos_id) == 1
+    assert byte_tokenizer.tokenizer.decode(response[:-1], skip_special_tokens=False) == " yes<|endoftext|> no"
 
 def test_chat_examples_use_the_template_and_end_at_its_end_of_turn_token(chat_tokenizer):
     messages = [{"role": "user", "content": "how do I bake bread?"}]

@@ -5,8 +5,8 @@ One test per promise of the README's Reliability section; the runs are subproces
 """
 
 import copy
+import json
 import os
-import resource
 import shutil
 import signal
 import subprocess
@@ -139,12 +139,14 @@ def test_keeps_the_last_k_plus_the_best_by_an_eval_metric(tmp_path):
     checkpoints.close()
 
 
-def _truncate_a_data_file(step_dir):
-    files = [os.path.join(root, name) for root, _, names in os.walk(step_dir) for name in names
-             if "ocdbt" in root or name.startswith("d")]
-    largest = max(files, key=os.path.getsize)
-    with open(largest, "r+b") as f:
-        f.truncate(os.path.getsize(largest) // 2)
+def _truncate_the_array_files(step_dir):
+    """Cuts every file of array data of a checkpoint step in half (one file alone may hold no array
+    that a restore reads)."""
+    for root, _, names in os.walk(step_dir):
+        for name in names:
+            if os.path.basename(root) == "d":
+                path = os.path.join(root, name)
+                os.truncate(path, os.path.getsize(path) // 2)
 
 
 @pytest.mark.parametrize("damage", ["truncated file", "missing directory", "wrong tree"])
@@ -164,7 +166,7 @@ def test_a_corrupt_checkpoint_is_never_loaded_and_an_older_one_is_used(tmp_path,
     checkpoints.wait()
     checkpoints.close()
     if damage == "truncated file":
-        _truncate_a_data_file(directory / "2")
+        _truncate_the_array_files(directory / "2")
     elif damage == "missing directory":
         shutil.rmtree(next(p for p in (directory / "2").iterdir() if p.is_dir()))
 
@@ -190,7 +192,7 @@ def test_a_corrupt_latest_checkpoint_resumes_from_the_previous_one_exactly(unint
     workdir = str(tmp_path / "run")
     code, _, err = _finish(workdir, "--halt_after_steps=4")
     assert code == 3, err[-3000:]
-    _truncate_a_data_file(os.path.join(workdir, "checkpoints", "sft", "4"))
+    _truncate_the_array_files(os.path.join(workdir, "checkpoints", "sft", "4"))
     code, _, err = _finish(workdir)
     assert code == 0, err[-3000:]
     assert "does not restore" in err
@@ -210,25 +212,6 @@ def test_non_finite_steps_are_skipped_counted_and_stop_the_run(tmp_path):
     config = run_config("quickstart", "runlocal")
     params = checkpointing.restore_params(os.path.join(workdir, "checkpoints", "sft"), _abstract_params(config))
     assert all(np.isfinite(np.asarray(leaf)).all() for leaf in jax.tree.leaves(params))
-
-
-def _limit_file_size():
-    # Writes past 64 KiB fail with EFBIG (Python ignores SIGXFSZ): a full disk, for new files.
-    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
-
-
-def test_a_full_disk_while_saving_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path):
-    workdir = str(tmp_path / "run")
-    code, _, err = _finish(workdir, "--halt_after_steps=2")
-    assert code == 3, err[-3000:]
-    config = run_config("quickstart", "runlocal")
-    directory = os.path.join(workdir, "checkpoints", "sft")
-    before = fingerprints.params_fingerprint(checkpointing.restore_params(directory, _abstract_params(config)))
-    code, _, err = _finish(workdir, preexec_fn=_limit_file_size)
-    assert code != 0
-    assert "Could not write a checkpoint" in err and "the checkpoint of step 2 is intact" in err
-    after = fingerprints.params_fingerprint(checkpointing.restore_params(directory, _abstract_params(config)))
-    assert after == before
 
 
 KEYS = sorted(validation.flatten(run_config("quickstart", "runlocal")))
@@ -260,3 +243,103 @@ def test_any_config_is_validated_cleanly_or_refused_naming_a_key(overrides):
             if flat.get(key) is not None and value is not None:  # optional (None) fields are typed by ml_collections
                 assert type(flat[key]) is type(value) or isinstance(flat[key], float), (key, value)
     assert copy.deepcopy(config) is not None
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages that know what they were trained on
+# ------------------------------------------------------------------------------------------------
+
+def _copy_run(uninterrupted, tmp_path):
+    workdir = str(tmp_path / "run")
+    shutil.copytree(uninterrupted, workdir)
+    return workdir
+
+
+def _error_line(err):
+    return err.strip().splitlines()[-1]
+
+
+def test_a_corrupt_final_checkpoint_of_a_finished_stage_trains_it_again_and_keeps_what_followed(
+        uninterrupted, tmp_path):
+    workdir = _copy_run(uninterrupted, tmp_path)
+    _truncate_the_array_files(os.path.join(workdir, "checkpoints", "sft", "6"))
+    code, _, err = _finish(workdir)
+    assert code == 0, err[-3000:]
+    assert "sft/6 does not restore" in err
+    summary, expected = workdir_summary(workdir), workdir_summary(uninterrupted)
+    # SFT trained again from step 5 to the same parameters, so DPO, trained from them, stands.
+    assert summary["sft"]["params_fingerprint"] == expected["sft"]["params_fingerprint"]
+    assert summary["dpo"]["params_fingerprint"] == expected["dpo"]["params_fingerprint"]
+    assert not os.path.exists(os.path.join(workdir, "checkpoints", "superseded"))
+    # The same records; SFT's last ones, written again, now come after DPO's.
+    in_order = lambda records: sorted(records, key=json.dumps)
+    assert in_order(workdir_records(workdir)) == in_order(workdir_records(uninterrupted))
+
+
+@pytest.mark.slow
+def test_training_an_earlier_stage_longer_trains_the_later_ones_again(uninterrupted, tmp_path):
+    workdir = _copy_run(uninterrupted, tmp_path)
+    code, _, err = _finish(workdir, "--config.sft.num_steps=8")
+    assert code == 0, err[-3000:]
+    assert "training dpo again" in err
+    fresh = str(tmp_path / "fresh")
+    code, _, err = _finish(fresh, "--config.sft.num_steps=8")
+    assert code == 0, err[-3000:]
+    summary, expected = workdir_summary(workdir), workdir_summary(fresh)
+    assert summary["sft"]["steps"] == 8
+    for stage in ("sft", "dpo"):
+        assert summary[stage]["params_fingerprint"] == expected[stage]["params_fingerprint"]
+    assert workdir_records(workdir) == workdir_records(fresh)
+    superseded = os.listdir(os.path.join(workdir, "checkpoints", "superseded"))
+    assert len(superseded) == 1 and superseded[0].startswith("dpo-")  # kept, out of the way
+
+
+def test_a_stage_shorter_than_its_saved_steps_is_refused_and_nothing_changes(uninterrupted, tmp_path):
+    workdir = _copy_run(uninterrupted, tmp_path)
+    before = {name: os.listdir(os.path.join(workdir, "checkpoints", name)) for name in ("sft", "dpo")}
+    code, _, err = _finish(workdir, "--config.dpo.num_steps=3")
+    assert code == 1
+    assert _error_line(err).startswith("Error: config.dpo.num_steps=3 is below step 6, saved in ")
+    assert "Traceback" not in err
+    assert {name: os.listdir(os.path.join(workdir, "checkpoints", name)) for name in before} == before
+    assert workdir_summary(workdir) == workdir_summary(uninterrupted)
+
+
+def test_skipped_updates_are_counted_over_every_invocation(tmp_path):
+    workdir = str(tmp_path / "run")
+    flags = ("--config.sft.learning_rate=1e30", "--config.train.max_nonfinite_steps=100", "--config.stages=sft")
+    code, _, err = _finish(workdir, *flags, "--halt_after_steps=3")
+    assert code == 3, err[-3000:]
+    code, out, err = _finish(workdir, *flags)
+    assert code == 0, err[-3000:]
+    skipped = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r["split"] == "nonfinite"]
+    assert len(skipped) > 3  # more than the last invocation's steps
+    assert workdir_summary(workdir)["sft"]["nonfinite_steps"] == len(skipped)
+    assert f"{len(skipped)} updates skipped as non-finite" in out
+
+
+def test_sigterm_while_starting_is_one_line_and_the_preemption_code(tmp_path):
+    """During the imports (dpo_jax.main's first handler) or the first moments of the run (train's,
+    outside a stage's loop): whichever the signal meets, it stops with a message and code 4."""
+    process = _start(str(tmp_path / "run"))
+    time.sleep(1.0)
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=300)
+    assert process.returncode == 4, err[-3000:]
+    assert "preempted (SIGTERM)" in err.strip().splitlines()[-1] and "Traceback" not in err
+
+
+def test_sigterm_during_data_preparation_stops_at_once_with_nothing_written(tmp_path, monkeypatch):
+    from dpo_jax import train
+
+    def preparing(config):  # a preemption notice while the data is prepared
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(60)
+        raise AssertionError("the notice did not stop the run")
+
+    monkeypatch.setattr(train.data_task, "load_task", preparing)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.Preempted, match="outside a stage's training loop"):
+        train.run(run_config("quickstart", "runlocal"), workdir)
+    assert sorted(os.listdir(workdir)) == ["lock"]  # no config.json: the run never claimed the workdir
+    assert signal.getsignal(signal.SIGTERM) is not train._on_sigterm  # the handler is the caller's again

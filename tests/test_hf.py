@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import tokenizers
-from conftest import run_python
+from conftest import host_devices, run_python
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 from test_models import random_model, run
@@ -96,7 +96,7 @@ print("sharded", sum(split), "of", len(split))
 def test_init_from_hf_places_each_tensor_on_its_shards(tmp_path):
     models.save_hf(random_model("tiny-llama"), tmp_path / "llama")
     result = run_python(["-c", _MESH_SCRIPT, str(tmp_path / "llama")],
-                        env={"XLA_FLAGS": "--xla_force_host_platform_device_count=8", "JAX_PLATFORMS": "cpu"})
+                        env={**host_devices(8), "JAX_PLATFORMS": "cpu"})
     assert "sharded" in result.stdout
 
 

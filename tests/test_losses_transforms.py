@@ -7,7 +7,7 @@ import pickle
 import jax
 import losses_multidevice
 import numpy as np
-from conftest import run_python
+from conftest import host_devices, run_python
 from loss_cases import BATCH, CASES, all_cases, case_id, policy_gradients, random_inputs
 
 from dpo_jax import losses
@@ -46,7 +46,7 @@ def test_pmap_and_shard_map_over_8_devices_give_the_single_device_numbers(tmp_pa
     compared here with the single-device numbers of each device's share of the batch."""
     output = tmp_path / "results.pickle"
     run_python([os.path.join("tests", "losses_multidevice.py"), str(output)],
-               env={"XLA_FLAGS": f"--xla_force_host_platform_device_count={losses_multidevice.DEVICES}"})
+               env=host_devices(losses_multidevice.DEVICES))
     with open(output, "rb") as f:
         results = pickle.load(f)
     devices = range(losses_multidevice.DEVICES)

@@ -56,7 +56,7 @@ def test_sentiment_frontier_runs_every_method_and_resumes_without_redoing_work(t
     assert pairs and all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs)
     # Each method ran from the SFT checkpoint in its own workdir, with its sample evaluation.
     dpo_summary = _read(os.path.join(workdir, "runs", "dpo_beta0.1", "summary.json"))
-    assert set(dpo_summary) == {"dpo", "evaluation"}
+    assert set(dpo_summary) == {"data", "dpo", "evaluation"}
     ppo_gt_config = _read(os.path.join(workdir, "runs", "ppo_gt_kl_coef0.05", "config.json"))
     assert ppo_gt_config["ppo"]["reward"] == "vader"
 

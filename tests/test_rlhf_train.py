@@ -5,14 +5,14 @@ import math
 import os
 
 import pytest
-from conftest import run_python, workdir_records, workdir_summary
+from conftest import host_devices, run_python, workdir_records, workdir_summary
 
 pytestmark = pytest.mark.slow
 STAGES = "--config.stages=('sft','reward','ppo','unlikelihood')"
 RLHF = ["-m", "dpo_jax.main", "--config=configs/quickstart.py:runlocal", STAGES, "--config.reward.num_steps=6",
         "--config.ppo.num_steps=4", "--config.ppo.max_new_tokens=10", "--config.unlikelihood.num_steps=4",
         "--config.ppo.adaptive_kl=True", "--config.ppo.target_kl=1000.0", "--config.ppo.kl_horizon=16"]
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = host_devices(8)
 PPO_METRICS = ("objective/kl", "objective/scores", "objective/rlhf_reward", "objective/non_score_reward",
                "policy/approxkl_avg", "policy/clipfrac_avg", "loss/policy_avg", "loss/value_avg", "val/clipfrac_avg",
                "kl_coef", "response_length", "loss", "grad_norm", "learning_rate")
@@ -27,7 +27,7 @@ def rlhf_run(tmp_path_factory):
 
 def test_reward_ppo_and_unlikelihood_stages_write_the_workdir_contract(rlhf_run):
     summary = workdir_summary(rlhf_run)
-    assert set(summary) == {"sft", "reward", "ppo", "unlikelihood"}
+    assert set(summary) == {"sft", "reward", "ppo", "unlikelihood", "data"}
     assert sorted(os.listdir(os.path.join(rlhf_run, "checkpoints"))) == ["ppo", "reward", "sft", "unlikelihood"]
     records = workdir_records(rlhf_run)
     reward_eval = [r for r in records if r["stage"] == "reward" and r["split"] == "eval"][-1]

@@ -10,14 +10,14 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import REPO, run_config, run_python
+from conftest import REPO, host_devices, run_config, run_python
 
 from dpo_jax import checkpointing, models, planning, sharding, steps, train
 from dpo_jax.data import loader
 from dpo_jax.data.task import load_task
 from dpo_jax.metrics import read_jsonl
 
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = host_devices(8)
 RUNLOCAL = ["-m", "dpo_jax.main", "--config=configs/quickstart.py:runlocal"]
 
 
@@ -121,7 +121,7 @@ def test_two_processes_with_four_devices_match_one_process_with_eight(tmp_path):
     run_python(RUNLOCAL + [f"--workdir={single}"], env=EIGHT_DEVICES)
     result = subprocess.run(
         ["bash", "launch/local_multiprocess.sh", "2", "--", sys.executable, *RUNLOCAL, f"--workdir={multi}"],
-        cwd=REPO, env={**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"},
+        cwd=REPO, env={**os.environ, **host_devices(4)},
         capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-4000:]
     assert "process 1 of 2" in result.stdout and "8 devices" in result.stdout
@@ -148,7 +148,7 @@ def test_checkpoint_restores_onto_a_different_mesh(tmp_path):
                                     "--config.mesh.fsdp=8", "--halt_after_steps=8"], env=EIGHT_DEVICES, check=False)
     assert halted.returncode == 3, halted.stderr[-3000:]
     directory = os.path.join(workdir, "checkpoints", "dpo")
-    on_four = _script("restore_fingerprint", directory, env={"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    on_four = _script("restore_fingerprint", directory, env=host_devices(4))
     on_eight = _script("restore_fingerprint", directory)
     assert on_four["devices"] == 4 and any("fsdp" in spec for spec in on_four["specs"])
     assert on_four["fingerprint"] == on_eight["fingerprint"]

@@ -129,13 +129,23 @@ def test_bfloat16_compute_keeps_log_probs_and_loss_in_float32(tiny_config):
     assert results["bfloat16"][3] == pytest.approx(results["float32"][3], abs=2e-2)
 
 
-@pytest.mark.parametrize("poison", ["nan_gradient", "inf_gradient", "overflowing_norm", "nan_loss"])
-def test_a_step_with_a_non_finite_loss_or_gradient_changes_nothing(poison):
+# Finite loss and gradients whose update is not: the optimizer makes the parameters NaN or inf.
+POISONED_OPTIMIZERS = {
+    "nan_weight_decay": optax.adamw(1e-2, weight_decay=float("nan")),
+    "nan_b1": optax.adamw(1e-2, b1=float("nan")),
+    "overflowing_update": optax.sgd(1e38),
+}
+
+
+@pytest.mark.parametrize("poison", ["nan_gradient", "inf_gradient", "overflowing_norm", "nan_loss",
+                                    *POISONED_OPTIMIZERS])
+def test_a_step_with_a_non_finite_loss_gradient_or_update_changes_nothing(poison):
     """The loss may be finite while a gradient is not (sqrt at 0), or every gradient finite while
-    their norm overflows float32; each skips the update and is counted."""
+    their norm overflows float32, or loss and gradients finite while the update is not (a NaN
+    hyperparameter, an update past float32's range); each skips the update and is counted."""
     params = {"w": jnp.ones((3,)), "v": jnp.zeros((2,))}
-    optimizer = optax.adamw(1e-2)
-    scale = {"nan_gradient": 0.0, "inf_gradient": 0.0, "overflowing_norm": 1e30, "nan_loss": 0.0}[poison]
+    optimizer = POISONED_OPTIMIZERS.get(poison, optax.adamw(1e-2))
+    scale = {"nan_gradient": 0.0, "inf_gradient": 0.0, "overflowing_norm": 1e30, "nan_loss": 0.0}.get(poison, 1.0)
 
     def loss_fn(params, ref_params, batch, rng):
         w, v = params["w"], params["v"]

@@ -2,6 +2,7 @@
 in a bucket trains, survives SIGKILL, resumes to the same parameters as an uninterrupted local run, and
 exports a checkpoint that transformers loads."""
 
+import errno
 import json
 import os
 import signal
@@ -13,19 +14,9 @@ import time
 import numpy as np
 import pytest
 from conftest import REPO, workdir_records, workdir_summary
-from gcs_emulator import BUCKET, Emulator
+from gcs_emulator import BUCKET
 
 from dpo_jax import storage
-
-
-@pytest.fixture(scope="module")
-def emulator():
-    try:
-        server = Emulator()
-    except RuntimeError as error:
-        pytest.skip(f"no GCS emulator: {error}")
-    yield server
-    server.stop()
 
 
 def _python(code_or_args, env, *, timeout=600, check=True):
@@ -49,6 +40,35 @@ def test_local_writes_leave_no_temporary_file_and_urls_keep_their_scheme(tmp_pat
     assert storage.absolute("run") == os.path.join(os.getcwd(), "run")
     assert storage.join("gs://bucket/run", "checkpoints", "sft") == "gs://bucket/run/checkpoints/sft"
     assert storage.local_copy(str(tmp_path)) == str(tmp_path)
+
+
+def _fail_half_way(f):
+    f.write(b"half")
+    raise OSError(errno.EIO, os.strerror(errno.EIO))
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="no /dev/full, whose writes fail as a full disk's")
+def test_a_failed_write_keeps_the_file_removes_its_temporary_file_and_names_the_path(tmp_path):
+    path = str(tmp_path / "summary.json")
+    storage.write_json(path, {"sft": {"steps": 6}})
+    before = (tmp_path / "summary.json").read_bytes()
+    # The temporary file is /dev/full, so the write runs out of space as on a full disk.
+    os.symlink("/dev/full", path + ".tmp")
+    with pytest.raises(OSError) as raised:
+        storage.write_json(path, {"sft": {"steps": 6}, "dpo": {"steps": 6}})
+    assert (raised.value.errno, raised.value.filename) == (errno.ENOSPC, path)
+    assert raised.value.strerror == os.strerror(errno.ENOSPC)  # "No space left on device"
+    assert (tmp_path / "summary.json").read_bytes() == before and os.listdir(tmp_path) == ["summary.json"]
+    # Whatever fails: a write that raises leaves no temporary file and the old file as it was.
+    with pytest.raises(TypeError):
+        storage.write_json(path, {"not json": object()})
+    with pytest.raises(OSError, match="Input/output error") as raised:
+        storage.write_bytes(path, _fail_half_way)
+    assert raised.value.filename == path
+    assert (tmp_path / "summary.json").read_bytes() == before and os.listdir(tmp_path) == ["summary.json"]
+    with pytest.raises(OSError) as raised:  # a directory that cannot be made: the error names the file
+        storage.write_text(str(tmp_path / "summary.json" / "x.txt"), "x")
+    assert raised.value.filename == str(tmp_path / "summary.json" / "x.txt")
 
 
 def test_the_path_layer_on_a_bucket(emulator, tmp_path):

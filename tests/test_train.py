@@ -4,10 +4,10 @@ import json
 import os
 
 import pytest
-from conftest import run_python, workdir_records, workdir_summary
+from conftest import host_devices, run_python, workdir_records, workdir_summary
 
 RUNLOCAL = ["-m", "dpo_jax.main", "--config=configs/quickstart.py:runlocal"]
-EIGHT_DEVICES = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+EIGHT_DEVICES = host_devices(8)
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,10 @@ List-valued keys are tuples. On the command line a comma string works too
 (`--config.dpo.loss_type=sigmoid,sft`); validation splits it, in `LIST_KEYS`' element type. Paths
 go one per flag, repeated (`--config.data.train_files=/a.jsonl --config.data.train_files=/b.jsonl`):
 config_flags reads `/a.jsonl,/b.jsonl` as Python and refuses it.
+
+Validation (`dpo_jax.configs.validation`) refuses NaN and inf in every float key, and holds the
+range of each number (`validation.RANGES`, e.g. train.b1 in [0, 1)): a float key added here needs
+its range there (tests/test_bad_configs.py checks that every one has one).
 """
 
 import ml_collections

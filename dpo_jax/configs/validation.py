@@ -2,17 +2,151 @@
 
 `validate(config)` first splits comma strings of list-valued keys (`schema.LIST_KEYS`) into tuples,
 so `--config.dpo.loss_type=sigmoid,sft` and `("sigmoid", "sft")` mean the same, then
-checks every key against the schema and every value. Each stage checks its own block
+checks every key against the schema and every value. Every float must be finite (NaN or inf in any
+key is refused before anything runs: beta=inf would skip every update, weight_decay=nan poison every
+parameter), and every number in `RANGES` lie in its range. Each stage checks its own block
 (`dpo_jax.stages`, `Stage.validate`).
 """
 
+import difflib
 import importlib.util
+import math
 
 from dpo_jax import models, scorers, stages, storage
 from dpo_jax.configs import schema
 from dpo_jax.data import builders, layouts, records, task
 from dpo_jax.stages.base import check as _check
 from dpo_jax.stages.base import check_optimizer_block
+
+# Compute and storage dtypes of the model: what XLA runs on TPU, GPU and CPU.
+DTYPES = ("float32", "bfloat16", "float16")
+
+# The range of each number that does not depend on other keys, as an interval ("(0, inf)": > 0),
+# and an optional note for the message. Every float key of the schema is here (a test checks it),
+# and ints whose out-of-range values would fail late or obscurely. Lists check each item.
+_POSITIVE, _NON_NEGATIVE, _FINITE = "(0, inf)", "[0, inf)", "(-inf, inf)"
+RANGES = {
+    "train.global_batch_size": _POSITIVE,
+    "train.b1": ("[0, 1)", "adam's first-moment decay"),
+    "train.b2": ("[0, 1)", "adam's second-moment decay"),
+    "train.weight_decay": _NON_NEGATIVE,
+    "train.grad_clip_norm": (_NON_NEGATIVE, "0: no clipping"),
+    "train.log_every_steps": _POSITIVE,
+    "train.max_nonfinite_steps": _POSITIVE,
+    **{f"{name}.learning_rate": (_POSITIVE, "for a stage that should not train, set num_steps=0")
+       for name in stages.STAGES},
+    "dpo.beta": _POSITIVE,
+    "dpo.label_smoothing": "[0, 0.5)",
+    "dpo.reference_update_alpha": "(0, 1]",
+    "dpo.loss_options.loss_weights": _FINITE,
+    "dpo.loss_options.simpo_gamma": _FINITE,
+    "dpo.loss_options.rpo_alpha": _NON_NEGATIVE,
+    "dpo.loss_options.discopop_tau": _POSITIVE,
+    "dpo.loss_options.f_alpha": "(0, 1)",
+    "kto.beta": _POSITIVE,
+    "kto.desirable_weight": _POSITIVE,
+    "kto.undesirable_weight": _POSITIVE,
+    "ppo.clip_range": _POSITIVE,
+    "ppo.clip_range_value": _POSITIVE,
+    "ppo.gamma": "[0, 1]",
+    "ppo.lam": "[0, 1]",
+    "ppo.kl_coef": _NON_NEGATIVE,
+    "ppo.target_kl": _POSITIVE,
+    "ppo.temperature": _POSITIVE,
+    "ppo.value_coef": _NON_NEGATIVE,
+    "unlikelihood.alpha": _NON_NEGATIVE,
+    "data.weights": _POSITIVE,
+    "evaluation.temperatures": (_NON_NEGATIVE, "0: greedy"),
+    "experiment.dpo_betas": _POSITIVE,
+    "experiment.ppo_kl_coefs": _POSITIVE,
+    "experiment.ppo_gt_kl_coefs": _POSITIVE,
+    "experiment.best_of_n": _POSITIVE,
+    "experiment.samples_per_prompt": ("[2, inf)", "to make pairs"),
+    "evaluation.samples_per_prompt": _POSITIVE,
+    "evaluation.num_prompts": _POSITIVE,
+    "evaluation.max_new_tokens": _POSITIVE,
+    "evaluation.batch_size": _POSITIVE,
+    "eval.every_steps": _POSITIVE,
+    "eval.batch_size": _POSITIVE,
+    "checkpoint.every_steps": _POSITIVE,
+    "checkpoint.every_minutes": (_NON_NEGATIVE, "0: off"),
+    "checkpoint.max_to_keep": _POSITIVE,
+    "model.vocab_size": _POSITIVE,
+    "model.num_layers": _POSITIVE,
+    "model.embed_dim": _POSITIVE,
+    "model.num_heads": _POSITIVE,
+    "model.num_kv_heads": _POSITIVE,
+    "model.head_dim": (_NON_NEGATIVE, "0: embed_dim / num_heads"),
+    "model.mlp_dim": _POSITIVE,
+    "model.max_position_embeddings": _POSITIVE,
+    "model.sliding_window": (_NON_NEGATIVE, "0: full attention"),
+    "model.attention_block_size": (_NON_NEGATIVE, "0: dense attention"),
+    "model.logits_chunk_size": (_NON_NEGATIVE, "0: full logits"),
+    "model.norm_eps": _POSITIVE,
+    "model.norm_scale_offset": _FINITE,
+    "model.rope_theta": _POSITIVE,
+    "model.rotary_fraction": "(0, 1]",
+    "model.rope_scaling_factor": _POSITIVE,
+    "model.rope_low_freq_factor": _POSITIVE,
+    "model.rope_high_freq_factor": _POSITIVE,
+    "model.rope_original_max_position_embeddings": _POSITIVE,
+    "model.lora.rank": (_NON_NEGATIVE, "0: no adapters"),
+    "model.lora.alpha": _POSITIVE,
+}
+
+
+def _interval(spec):
+    """(low, high, low_inclusive, high_inclusive) of an interval such as "[0, 1)"."""
+    low, high = spec[1:-1].split(",")
+    return float(low), float(high), spec[0] == "[", spec[-1] == "]"
+
+
+def _range_message(spec):
+    """What a value outside `spec` is told: "must be > 0", "must be in [0, 1)"."""
+    low, high, low_inclusive, _ = _interval(spec)
+    if math.isinf(low) and math.isinf(high):
+        return "must be a finite number"
+    if math.isinf(high):
+        return f"must be {'>=' if low_inclusive else '>'} {spec[1:-1].split(',')[0].strip()}"
+    return f"must be in {spec}"
+
+
+def _in_range(value, spec):
+    low, high, low_inclusive, high_inclusive = _interval(spec)
+    return ((low <= value if low_inclusive else low < value) and
+            (value <= high if high_inclusive else value < high))
+
+
+def _check_numbers(flat):
+    """Every float (or list item) finite, every key of `RANGES` in its range; None (unset) passes."""
+    for key, value in flat.items():
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        _check(all(math.isfinite(item) for item in items if isinstance(item, float)), key,
+               f"must be {'finite numbers' if items is value else 'a finite number'} (no NaN or inf), got {value!r}")
+    for key, spec in RANGES.items():
+        value = flat.get(key)
+        if value is None:
+            continue
+        spec, note = spec if isinstance(spec, tuple) else (spec, "")
+        items = value if isinstance(value, (tuple, list)) else (value,)
+        message = _range_message(spec) + (f" ({note})" if note else "")
+        _check(all(_in_range(item, spec) for item in items), key,
+               f"{'each item ' if items is value else ''}{message}, got {value!r}")
+
+
+def unknown_key(key, known, prefix="config"):
+    """The message of an unknown `key` (a dotted path) among the `known` (leaf) keys: the close key or
+    block if there is one (`--config.dpo.betta` and `config.dpo.betta = ...` in a config file get the
+    same answer)."""
+    known = set(known) | {name.rsplit(".", depth)[0] for name in known for depth in range(1, name.count(".") + 1)}
+    parent, _, leaf = key.rpartition(".")
+    siblings = [name.rpartition(".")[2] for name in known if name.rpartition(".")[0] == parent]
+    close = [f"{parent}.{name}" if parent else name
+             for name in difflib.get_close_matches(leaf, siblings, n=1, cutoff=0.7)]
+    close = close or difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.8)
+    if close:
+        return f"unknown key (did you mean {prefix}.{close[0]}?)"
+    return "unknown key (dpo_jax/configs/schema.py and dpo_jax/stages/ hold every key)"
 
 
 def flatten(tree, prefix=""):
@@ -33,8 +167,8 @@ def _check_schema(config):
     if "bench" in config:
         defaults.update(flatten({"bench": schema.bench_config()}))
     for key, value in flatten(config).items():
-        _check(key in defaults, key, "unknown key (a typo? dpo_jax/configs/schema.py and dpo_jax/stages/ hold every "
-               "key)")
+        if key not in defaults:
+            raise ValueError(f"config.{key}: {unknown_key(key, defaults)}")
         default = defaults[key]
         if default is None:  # an optional field (a typed FieldReference): ml_collections checks its type
             continue
@@ -75,6 +209,7 @@ def validate(config):
     comma strings become tuples first (`normalize_lists`)."""
     normalize_lists(config)
     _check_schema(config)
+    _check_numbers(flatten(config))
     names = tuple(config.stages)
     _check(names and all(name in stages.STAGES for name in names) and len(set(names)) == len(names), "stages",
            f"must be distinct stages out of {tuple(stages.STAGES)}, got {names}")
@@ -86,21 +221,15 @@ def validate(config):
         stage.validate(config)
 
     train = config.train
-    _check(train.global_batch_size > 0, "train.global_batch_size", "must be > 0")
     _check(train.optimizer in ("adamw", "rmsprop"), "train.optimizer",
            f"must be adamw or rmsprop, got {train.optimizer!r}")
-    _check(train.grad_clip_norm >= 0, "train.grad_clip_norm", "must be >= 0")
     _check(train.grad_accum_steps > 0 and train.global_batch_size % train.grad_accum_steps == 0,
            "train.grad_accum_steps", f"must be > 0 and divide train.global_batch_size={train.global_batch_size}")
-    _check(train.log_every_steps > 0, "train.log_every_steps", "must be > 0")
-    _check(config.eval.every_steps > 0, "eval.every_steps", "must be > 0")
-    _check(config.eval.batch_size > 0, "eval.batch_size", "must be > 0")
-    _check(config.checkpoint.every_steps > 0, "checkpoint.every_steps", "must be > 0")
-    _check(config.checkpoint.max_to_keep > 0, "checkpoint.max_to_keep", "must be > 0")
-    _check(config.checkpoint.every_minutes >= 0, "checkpoint.every_minutes", "must be >= 0")
     _check(config.checkpoint.best_mode in ("min", "max"), "checkpoint.best_mode",
            f"must be min or max, got {config.checkpoint.best_mode!r}")
-    _check(train.max_nonfinite_steps > 0, "train.max_nonfinite_steps", "must be > 0")
+    if "bench" in config:
+        _check(config.bench.compute_dtype in ("auto",) + DTYPES, "bench.compute_dtype",
+               f"must be auto or one of {DTYPES}, got {config.bench.compute_dtype!r}")
 
     _validate_data(config)
     _validate_evaluation(config)
@@ -111,10 +240,7 @@ def validate(config):
 def _validate_evaluation(config):
     """The sample evaluation and experiment keys."""
     evaluation = config.evaluation
-    _check(evaluation.temperatures and min(evaluation.temperatures) >= 0, "evaluation.temperatures",
-           f"must be one or more numbers >= 0, got {evaluation.temperatures!r}")
-    for key in ("samples_per_prompt", "num_prompts", "max_new_tokens", "batch_size"):
-        _check(evaluation[key] > 0, f"evaluation.{key}", "must be > 0")
+    _check(evaluation.temperatures, "evaluation.temperatures", "must be one or more numbers >= 0, got ()")
     experiment = config.experiment
     _check(experiment.name in ("", "controlled_sentiment"), "experiment.name",
            f"must be '' or 'controlled_sentiment', got {experiment.name!r}")
@@ -130,16 +256,15 @@ def _validate_evaluation(config):
     for key, value in plotted.items():
         _check(not value or importlib.util.find_spec("matplotlib") is not None, key,
                f"{value!r} plots its results with matplotlib, which is not installed: pip install 'dpo_jax[repro]'")
-    for key in ("dpo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "best_of_n"):
-        _check(all(v > 0 for v in experiment[key]), f"experiment.{key}", f"must be numbers > 0, got "
-               f"{experiment[key]!r}")
-    _check(experiment.samples_per_prompt >= 2, "experiment.samples_per_prompt", "must be >= 2 to make pairs")
 
 
 def _validate_model(config):
     model = config.model
-    _check(model.attention_block_size >= 0, "model.attention_block_size", "must be >= 0 (0: dense attention)")
-    _check(model.logits_chunk_size >= 0, "model.logits_chunk_size", "must be >= 0 (0: full logits)")
+    for key in ("dtype", "param_dtype"):
+        _check(model[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {model[key]!r}")
+    _check(model.rope_scaling != "llama3" or model.rope_high_freq_factor > model.rope_low_freq_factor,
+           "model.rope_high_freq_factor", f"llama3 rope scaling needs it > model.rope_low_freq_factor="
+           f"{model.rope_low_freq_factor}, got {model.rope_high_freq_factor}")
     if model.init_from_hf:
         # The architecture is the checkpoint's: its config.json must read (a clear error if not), and
         # its fields replace the preset's in config.model, so that everything downstream (the data's
@@ -164,6 +289,10 @@ def _validate_model(config):
     _check(model.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {model.norm!r}")
     _check(config.data.max_length <= model.max_position_embeddings, "data.max_length",
            f"exceeds model.max_position_embeddings={model.max_position_embeddings}")
+    try:  # the model's own checks (activation, rope_scaling, LoRA targets, ...), now rather than at planning
+        models.decoder_config(model)
+    except ValueError as error:  # its messages start with the key, "model.activation=..."
+        raise ValueError(f"config.{error}") from error
 
 
 def _validate_data(config):

@@ -87,7 +87,8 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
         splits = {split: self._local_files(dl_manager, patterns) for split, patterns in self._split_files().items()}
         splits = {split: paths for split, paths in splits.items() if paths and self._has_records(split, paths)}
         if not splits:
-            raise FileNotFoundError(f"{self.name}: none of the raw files {self._split_files()} were found")
+            # A ValueError, as every bad input is: the command line prints it as one line.
+            raise ValueError(f"{self.name}: none of the raw files {self._split_files()} were found")
         return {split: self._generate_examples(paths, split) for split, paths in splits.items()}
 
     def _generate_examples(self, paths, split):
@@ -345,7 +346,9 @@ class FilesConfig(tfds.core.BuilderConfig):
         for split, paths in files:
             for path in paths:
                 if not storage.isfile(path):
-                    raise FileNotFoundError(f"preference_files: the {split} file {path} does not exist")
+                    directory = storage.isdir(path)
+                    raise records.BadFile(path, "not a file" if directory else "no such file",
+                                          f"{'a directory, ' if directory else ''}given as a {split} file")
         state = [(split, path, storage.file_digest(path)) for split, paths in files for path in paths]
         return cls(name="files-" + hashlib.sha256(repr(state).encode()).hexdigest()[:16], files=files)
 

@@ -158,7 +158,8 @@ def _real_dataset_pairs(name, data_config, kind, split, tokenizer):
     examples, counts = read_split(dataset_builder, split, data_config)
     bad = records.BadExamples(data_config.on_bad_example)
     tokenized = tokenize.tokenize(examples, tokenizer, bad=bad, check_boundaries=data_config.check_boundaries,
-                                  use_chat_template=data_config.chat_template, need_rejected=kind == "pairs")
+                                  use_chat_template=data_config.chat_template, need_rejected=kind == "pairs",
+                                  max_length=data_config.max_length, max_prompt_length=data_config.max_prompt_length)
     if not tokenized.prompts:
         raise ValueError(f"{name}/{split}: no usable {kind} examples (skipped: {dict(bad.counts)}; "
                          f"first: {bad.kept[:3]})")
@@ -265,20 +266,17 @@ def _read_texts(paths, bad):
 
 
 def _text_ids(texts, tokenizer, bad):
-    """Token ids of whole texts [(location, text)], by tokenize.py's rules for a prompt's BOS (once,
-    where the tokenizer's post-processor puts one) and a response's EOS (once, at the end; an
-    end-of-generation token inside a text is bad, as in a response)."""
-    inner = tokenizer.tokenizer
+    """Token ids of whole texts [(location, text)], by tokenize.py's rules: text from data is encoded
+    as text (a special token's text too), a prompt's BOS once where the tokenizer's post-processor
+    puts one, a response's EOS once at the end (an end-of-generation id inside is bad)."""
     eos_id = tokenizer.token_id(tokenizer.eos_token)
     end_ids = set(tokenizer.eos_ids) | {eos_id}
     bos_id = tokenize.added_bos(tokenizer)
     sequences = []
-    encodings = inner.encode_batch([text for _, text in texts], add_special_tokens=False)
-    for (location, _), encoding in zip(texts, encodings):
-        ids = encoding.ids
+    for (location, _), ids in zip(texts, tokenizer.encode_text([text for _, text in texts])):
         if any(token in end_ids for token in ids[:-1]):
             bad.handle(records.BadExample(location, "end-of-generation token inside a text",
-                                          f"{[inner.id_to_token(t) for t in ids if t in end_ids]}"))
+                                          f"{[tokenizer.tokenizer.id_to_token(t) for t in ids if t in end_ids]}"))
             continue
         if not ids or ids[-1] not in end_ids:
             ids = ids + [eos_id]

@@ -38,7 +38,8 @@ def unpaired_example(record, location):
 
 
 def _read_files(paths, tokenizer, data_config, bad):
-    """[(prompt ids, completion ids, desirable)] of unpaired files, untruncated."""
+    """[(prompt ids, completion ids, desirable, keep_prefix)] of unpaired files, untruncated (but only
+    what truncation can keep is encoded)."""
     examples, labels = [], {}
     for path in paths:
         for location, record in records.read_records(path):
@@ -51,7 +52,8 @@ def _read_files(paths, tokenizer, data_config, bad):
                 continue
             examples.append(example)
     tokenized = tokenize.tokenize(examples, tokenizer, bad=bad, check_boundaries=data_config.check_boundaries,
-                                  use_chat_template=data_config.chat_template, need_rejected=False)
+                                  use_chat_template=data_config.chat_template, need_rejected=False,
+                                  max_length=data_config.max_length, max_prompt_length=data_config.max_prompt_length)
     keep_prefix = int(tokenized.bos_id is not None)
     return [(prompt, responses[0], labels[source], keep_prefix)
             for prompt, responses, source in zip(tokenized.prompts, tokenized.responses, tokenized.sources)]

@@ -9,8 +9,10 @@ transformers renders it, so prompts match what the model saw in training.
 
 import dataclasses
 import datetime
+import functools
 import json
 import os
+import re
 from typing import Optional
 
 import tokenizers
@@ -44,8 +46,66 @@ class Tokenizer:
         return self.token_id(self.pad_token)
 
     def encode(self, text, add_special_tokens=True):
-        """Token ids; `add_special_tokens` applies the checkpoint's post-processor (e.g. a leading BOS)."""
+        """Token ids; `add_special_tokens` applies the checkpoint's post-processor (e.g. a leading BOS).
+
+        The text of a special token (e.g. '<|endoftext|>') becomes that token: for text the code
+        composes (a rendered chat template), not for text from data (`encode_text`)."""
         return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    @functools.cached_property
+    def special_tokens(self):
+        """{text: id} of the added tokens marked special (BOS, EOS, chat markers, ...)."""
+        return {token.content: token_id for token_id, token in self.tokenizer.get_added_tokens_decoder().items()
+                if token.special}
+
+    @functools.cached_property
+    def special_pattern(self):
+        """A regex matching the text of any special token (longest first), or None when there is none."""
+        texts = sorted(self.special_tokens, key=len, reverse=True)
+        return re.compile("|".join(map(re.escape, texts))) if texts else None
+
+    @functools.cached_property
+    def _text_tokenizer(self):
+        # A copy that encodes special tokens' text as ordinary text; the setting is per tokenizer
+        # object, so the checkpoint's own (`tokenizer`) keeps parsing them.
+        copy = tokenizers.Tokenizer.from_str(self.tokenizer.to_str())
+        copy.encode_special_tokens = True
+        return copy
+
+    def encode_text(self, texts):
+        """Token ids of each text from data: no post-processor, and the text of a special token is
+        encoded as text (split into ordinary tokens), so data cannot inject an EOS or a chat marker."""
+        return [encoding.ids for encoding in self._text_tokenizer.encode_batch(list(texts), add_special_tokens=False)]
+
+    def encode_rendered(self, texts, data_spans):
+        """Token ids of texts the code composed around data, e.g. chat template renderings: special
+        tokens' text is a special token, except inside the (start, stop) character spans of
+        `data_spans[i]` (the messages' contents), encoded as text as `encode_text` does."""
+        ids = [None] * len(texts)
+        plain = [i for i, spans in enumerate(data_spans) if not spans]
+        for i, encoding in zip(plain, self.tokenizer.encode_batch([texts[i] for i in plain],
+                                                                  add_special_tokens=False)):
+            ids[i] = encoding.ids
+        for i, spans in enumerate(data_spans):
+            if spans:
+                ids[i] = self._encode_outside(texts[i], spans)
+        return ids
+
+    def _encode_outside(self, text, spans):
+        """Ids of `text` with special tokens parsed outside `spans` only. The tokenizer splits a text
+        at its special tokens and encodes the pieces between them apart, so this is what it does
+        where no span holds a special token's text."""
+        pieces, specials, start = [], [], 0
+        for match in self.special_pattern.finditer(text) if self.special_pattern else ():
+            if any(a < match.end() and match.start() < b for a, b in spans):
+                continue  # data
+            pieces.append(text[start:match.start()])
+            specials.append(self.special_tokens[match.group()])
+            start = match.end()
+        pieces.append(text[start:])
+        encoded = self.encode_text(pieces)
+        return [token for piece, special in zip(encoded, specials + [None])
+                for token in piece + ([] if special is None else [special])]
 
     def decode(self, ids, skip_special_tokens=True):
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -81,12 +141,20 @@ class Tokenizer:
             messages=messages, add_generation_prompt=add_generation_prompt, **special, **variables)
 
 
+class TokenizerFileError(FileNotFoundError, ValueError):
+    """A checkpoint's tokenizer file is missing (a FileNotFoundError) or unreadable; a ValueError, as
+    every bad input is, so the command line prints it as one line."""
+
+
 def _read_json(path, name):
     file = os.path.join(path, name)
     if not os.path.isfile(file):
         return {}
-    with open(file, encoding="utf-8") as f:
-        return json.load(f)
+    try:
+        with open(file, encoding="utf-8-sig") as f:
+            return json.load(f)
+    except (ValueError, RecursionError) as error:  # JSONDecodeError, UnicodeDecodeError
+        raise TokenizerFileError(f"{file}: not a readable JSON file ({error})") from None
 
 
 def _token(value):
@@ -116,8 +184,11 @@ def load_tokenizer(path):
                 "AutoTokenizer.from_pretrained(path).save_pretrained(path))"
                 if any(os.path.isfile(os.path.join(path, name)) for name in ("tokenizer.model", "vocab.json"))
                 else "")
-        raise FileNotFoundError(f"{source} has no tokenizer.json{hint}")
-    tokenizer = tokenizers.Tokenizer.from_file(file)
+        raise TokenizerFileError(f"{source} has no tokenizer.json{hint}")
+    try:
+        tokenizer = tokenizers.Tokenizer.from_file(file)
+    except Exception as error:  # tokenizers raises plain Exceptions on a bad file
+        raise TokenizerFileError(f"{file}: not a readable tokenizer.json ({error})") from None
     tokenizer_config = _read_json(path, "tokenizer_config.json")
     special_map = _read_json(path, "special_tokens_map.json")
     special = {name: _token(tokenizer_config.get(name) or special_map.get(name))
