@@ -73,12 +73,11 @@ ROLES = {
 
 
 @pytest.mark.parametrize("role", list(ROLES))
-def test_a_flipped_bit_anywhere_never_loads_changed_parameters(saved, tmp_path, role):
+def test_a_flipped_bit_anywhere_never_loads_changed_parameters(saved, tmp_path, role, caplog):
     _, abstract, params = saved
     targets = [path for path in _files(os.path.join(saved[0], "2")) if ROLES[role](path) and os.path.getsize(path)]
     assert targets, f"no {role} file in the checkpoint"
     rng = np.random.default_rng(sum(map(ord, role)))
-    outcomes = []
     for trial in range(6):
         directory = _copy(saved, tmp_path / str(trial))
         target = directory + targets[trial % len(targets)][len(saved[0]):]
@@ -89,9 +88,8 @@ def test_a_flipped_bit_anywhere_never_loads_changed_parameters(saved, tmp_path, 
         assert _equal(restored, params[step]), f"step {step} restored with changed parameters ({target})"
         if step == 1:  # caught: the damaged step is kept aside, not deleted
             assert os.listdir(tmp_path / str(trial) / "quarantine")
-        outcomes.append(step)
-    if role == "array data":  # some flips land in the values themselves, which decode, and only the checksum catches
-        assert 1 in outcomes
+    if role == "array data":  # some flips land in the values themselves, which decode: the checksum catches them
+        assert any("does not match the checksum saved with it" in record.getMessage() for record in caplog.records)
 
 
 def _truncate_largest(directory):
