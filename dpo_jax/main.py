@@ -4,6 +4,7 @@ Any config value can be overridden, e.g. `--config.dpo.beta=0.05`. Running again
 workdir resumes from its latest checkpoints.
 """
 
+import os
 import signal
 import sys
 
@@ -14,15 +15,15 @@ PREEMPTED_EXIT_CODE = 4  # SIGTERM received, checkpoint written
 def _terminated_while_starting(signum, frame):
     del signum, frame
     print("Error: preempted (SIGTERM) while starting, before the run did any work; rerun the same command",
-          file=sys.stderr)
-    raise SystemExit(PREEMPTED_EXIT_CODE)
+          file=sys.stderr, flush=True)
+    # Not SystemExit: the handler may run inside a callback that swallows exceptions (the garbage
+    # collector's, during the imports), and nothing is open yet that an exit would need to close.
+    os._exit(PREEMPTED_EXIT_CODE)
 
 
 # First of all, so that a preemption notice during the imports below is answered too; `train.run`
 # installs the handler of the run.
 signal.signal(signal.SIGTERM, _terminated_while_starting)
-
-import os  # noqa: E402
 
 import jax  # noqa: E402
 from absl import app, flags, logging  # noqa: E402

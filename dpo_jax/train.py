@@ -298,6 +298,8 @@ def _run_stage(stage, plan, config, workdir, mesh, task, model, results, done, w
 
     _IN_STAGE_LOOP.append(name)
     try:
+        if _SIGTERM_RECEIVED:  # the handler's exception was swallowed (raised inside a gc or __del__ callback)
+            raise Preempted(f"{name}: preempted before its first step; rerun the same command to resume")
         for step in range(start_step, num_steps):
             if budget[0] == 0:
                 stop(Halted(f"{name}: halted at step {step}; rerun the same command to resume"))

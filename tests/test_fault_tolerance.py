@@ -343,3 +343,25 @@ def test_sigterm_during_data_preparation_stops_at_once_with_nothing_written(tmp_
         train.run(run_config("quickstart", "runlocal"), workdir)
     assert sorted(os.listdir(workdir)) == ["lock"]  # no config.json: the run never claimed the workdir
     assert signal.getsignal(signal.SIGTERM) is not train._on_sigterm  # the handler is the caller's again
+
+
+def test_a_notice_whose_exception_was_swallowed_still_stops_the_stage_before_its_first_step(tmp_path,
+                                                                                           monkeypatch):
+    """A handler that runs inside a garbage-collector callback has its exception ignored by Python;
+    the notice it recorded must still stop the run, before any step is trained."""
+    from dpo_jax import train
+
+    load_task = train.data_task.load_task
+
+    def preparing(config):
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+        except train.Preempted:
+            pass  # what the gc callback does with it
+        return load_task(config)
+
+    monkeypatch.setattr(train.data_task, "load_task", preparing)
+    workdir = str(tmp_path / "run")
+    with pytest.raises(train.Preempted, match="sft: preempted before its first step"):
+        train.run(run_config("quickstart", "runlocal"), workdir)
+    assert not os.listdir(os.path.join(workdir, "checkpoints", "sft"))
