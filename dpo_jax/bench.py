@@ -18,9 +18,14 @@ Modes:
                 batch's tokens: full logits against the memory-bounded `losses.chunked_sequence_logps`
                 and `losses.scored_token_logps`, compiled temporary bytes and seconds, for each of
                 --logps_vocab_sizes.
+  device_check  What to run first on a new machine (`launch/device_check.sh`, `dpo_jax/device_check.py`):
+                the fused attention kernels against the dense path on this device, a short SFT->DPO
+                run, the step benchmark; one JSON summary, exit code 1 if anything is off.
   --plan        Per-device memory (parameters, optimizer, reference, gradients, activations with and
                 without remat) and step time of the config on an accelerator and mesh that need not be
-                here, from shapes, FLOPs and bytes:
+                here, from shapes, FLOPs, bytes and the chip's vendor figures, on the attention path the
+                training forward takes there (the chip's fused kernel, unless model.attention_kernel or
+                a sliding window makes it dense); and activations by row length, dense against fused:
                   python -m dpo_jax.bench --plan --config=configs/quickstart.py:model=pythia-2.8b \
                       --accelerator=tpu-v5p --mesh=data=2,fsdp=8
 The last line printed is one JSON object with the figures.
@@ -53,13 +58,14 @@ from dpo_jax import losses, models, planning, reference, sharding, stages, steps
 from dpo_jax.configs import bench_config, validation
 from dpo_jax.data import loader, task, tokenize
 from dpo_jax.metrics import METRICS_LAG
-from dpo_jax.models import sampling, transformer
+from dpo_jax.models import kernels, sampling, transformer
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_hh.py", "Config file.", lock_config=False)
-_MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory", "logps", "sampling"], "What to measure.")
+_MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory", "logps", "sampling", "device_check"],
+                          "What to measure (device_check: dpo_jax/device_check.py, which reads no --config).")
 _COMPARE = flags.DEFINE_enum("compare", "none", ["none", "trl"], "step mode: also time TRL's DPOTrainer.")
 _PLAN = flags.DEFINE_bool("plan", False, "Estimate memory and step time on --accelerator and --mesh.")
-_ACCELERATOR = flags.DEFINE_string("accelerator", "tpu-v5p", "--plan: tpu-v4 | tpu-v5e | tpu-v5p | h100.")
+_ACCELERATOR = flags.DEFINE_string("accelerator", "tpu-v5p", "--plan: tpu-v4 | tpu-v5e | tpu-v5p | h100 | h200.")
 _MESH = flags.DEFINE_string("mesh", "", "--plan: mesh axis sizes, e.g. data=2,fsdp=8 (default: config.mesh, "
                                         "with -1 read as 1).")
 _LOGPS_VOCAB_SIZES = flags.DEFINE_list("logps_vocab_sizes", ["8192", "65536"], "logps mode: vocabularies.")
@@ -67,6 +73,14 @@ _AB_CONFIG = config_flags.DEFINE_config_file(
     "ab_config", None, "step mode: a second config (B) measured against --config (A) in the same process, "
     "e.g. --ab_config=configs/bench_hh.py --ab_config.bench.prefetch=False.", lock_config=False)
 _TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this spec file and print JSON.")
+_DEVICE_CHECK_WORKDIR = flags.DEFINE_string(
+    "device_check_workdir", "", "device_check: where its run, prepared data and tokenizer go (default: a "
+    "temporary directory, removed at the end).")
+_DEVICE_CHECK_DATA = flags.DEFINE_string(
+    "device_check_data", "", "device_check: the directory of the HH raw files (harmless-base/test.jsonl.gz), or "
+    "'synthetic' (default: ../shared/data/hh-rlhf next to the repository when it holds them, else synthetic).")
+_DEVICE_CHECK_SIZE = flags.DEFINE_enum("device_check_size", "standard", ["standard", "tiny"],
+                                       "device_check: standard, or tiny (every part in seconds: CI).")
 
 # bench.attention_block_size=-1 on CPU: blocks of 128 (queries x keys) skip most of a packed row
 # of prefix-shared HH pairs while keeping each block's matmuls large enough to be efficient.
@@ -79,15 +93,27 @@ class Accelerator:
     peak_flops: float
     hbm_bytes: float
     hbm_bytes_per_sec: float
-    interconnect_bytes_per_sec: float  # ICI (TPU) / NVLink (GPU), per chip
+    interconnect_bytes_per_sec: float  # ICI (TPU) / NVLink (GPU), per chip and direction
     device_kinds: tuple               # jax device_kind strings that are this chip
+    backend: str                      # its jax backend ("tpu", "gpu"): which fused attention kernel runs
 
 
+# From the vendors' spec sheets. They give a chip's interconnect bandwidth in both directions
+# together; the table holds one direction, half of it.
 ACCELERATORS = {
-    "tpu-v4": Accelerator(275e12, 32 * 2**30, 1228e9, 300e9, ("TPU v4",)),
-    "tpu-v5e": Accelerator(197e12, 16 * 2**30, 819e9, 200e9, ("TPU v5 lite", "TPU v5e")),
-    "tpu-v5p": Accelerator(459e12, 95 * 2**30, 2765e9, 600e9, ("TPU v5p", "TPU v5")),
-    "h100": Accelerator(989e12, 80e9, 3.35e12, 450e9, ("H100",)),
+    # cloud.google.com/tpu/docs/v4: 275 TFLOP/s bf16; HBM2 32 GiB at 1200 GB/s. The page gives no
+    # per-chip ICI figure: 300 GB/s is an estimate.
+    "tpu-v4": Accelerator(275e12, 32 * 2**30, 1200e9, 300e9, ("TPU v4",), "tpu"),
+    # cloud.google.com/tpu/docs/v5e: 197 TFLOP/s bf16; HBM2 16 GiB at 819 GB/s; ICI 400 GB/s bidirectional.
+    "tpu-v5e": Accelerator(197e12, 16 * 2**30, 819e9, 200e9, ("TPU v5 lite", "TPU v5e"), "tpu"),
+    # cloud.google.com/tpu/docs/v5p: 459 TFLOP/s bf16; HBM2e 95 GiB at 2765 GB/s; ICI 1200 GB/s bidirectional.
+    "tpu-v5p": Accelerator(459e12, 95 * 2**30, 2765e9, 600e9, ("TPU v5p", "TPU v5"), "tpu"),
+    # nvidia.com/en-us/data-center/h100 (H100 SXM): BF16 Tensor Core 1,979 TFLOP/s with sparsity,
+    # 989 dense; HBM3 80 GB at 3.35 TB/s; NVLink 900 GB/s bidirectional.
+    "h100": Accelerator(989e12, 80e9, 3.35e12, 450e9, ("H100",), "gpu"),
+    # nvidia.com/en-us/data-center/h200 (H200 SXM): the H100's Tensor Cores (1,979 TFLOP/s BF16 with
+    # sparsity, 989 dense); HBM3e 141 GB at 4.8 TB/s; NVLink 900 GB/s bidirectional.
+    "h200": Accelerator(989e12, 141e9, 4.8e12, 450e9, ("H200",), "gpu"),
 }
 
 
@@ -286,28 +312,81 @@ def _rows_per_batch(config):
     return config.train.global_batch_size, data_config.row_length or 2 * data_config.max_length
 
 
-def activation_bytes_per_row(decoder_config, row_length, *, remat):
+# Row lengths of `--plan`'s activation memory by sequence length (the config's rows per device at each).
+PLAN_ROW_LENGTHS = (512, 1024, 2048, 4096, 8192)
+# An attention's backward pass in forwards' worth of its FLOPs (a forward: the scores Q K^T and the
+# weighted values P V). Dense: dV, dP, dQ, dK from the kept weights, 4 matmuls. The fused kernels keep
+# no weights, and recompute Q K^T and dO V^T in each of two passes (splash: its dq and dkv kernels;
+# the Pallas GPU kernel: its dk/dv and dq loops), 7 matmuls.
+ATTENTION_BACKWARD_FORWARDS = {"dense": 2.0, "splash": 3.5, "pallas_gpu": 3.5}
+
+
+def plan_attention(config, accelerator_name):
+    """The attention implementation of the config's training forward on `accelerator_name`:
+    `config.model.attention_kernel`, "auto" read as the fused kernel of the chip's backend
+    (`kernels.default_implementation`); "dense" for a sliding-window model, which the kernels lack."""
+    accelerator = ACCELERATORS[accelerator_name]
+    decoder_config = models.decoder_config(config.model)  # rejects an unknown kernel
+    requested = config.model.get("attention_kernel", "auto")
+    native = kernels.default_implementation(accelerator.backend)
+    if decoder_config.sliding_window:
+        return "dense"
+    if requested not in ("auto", "dense", native):
+        raise ValueError(f"model.attention_kernel={requested!r} does not run on {accelerator_name} "
+                         f"(backend {accelerator.backend}): auto, dense or {native}")
+    return native if requested == "auto" else requested
+
+
+def attention_pairs_per_row(row_length, attention, *, prefix_shared, block_size):
+    """(query, key) pairs one head of one layer computes on a row of `row_length` slots.
+
+    dense: all row_length^2 (the [T, T] mask hides pairs, it skips none). Fused: the causal block
+    pairs of the kernel's row, `kernels.attention_length` slots (twice the row for prefix-shared
+    layouts, whose prompts are copied in front of their rejected branches); block pairs above the
+    diagonal are never visited, those on it are computed whole.
+    """
+    if attention == "dense":
+        return row_length ** 2
+    length = kernels.attention_length(row_length, prefix_shared)
+    block = min(block_size, length)
+    blocks = -(-length // block)
+    return blocks * (blocks + 1) // 2 * block ** 2
+
+
+def activation_bytes_per_row(decoder_config, row_length, *, attention, remat, prefix_shared=False):
     """Bytes a row's forward keeps for the backward pass (the reference keeps none).
 
-    Per layer and token: the block input, both norm outputs, q/k/v and the attention output,
-    the residual, the MLP's hidden pre- and post-activation (and gate), in the compute dtype; the
-    attention weights [heads, keys] (XLA materialises them); plus the float32 logits and their
-    log-softmax. With remat only each block's input is kept, and one block is recomputed at a time.
+    Per layer and token, in the compute dtype: the block input, both norm outputs, the residual, the
+    MLP's hidden pre- and post-activation (and gate). The attention adds, per layer:
+      dense: q, k, v and the output, and the float32 softmax output [heads, keys] per token (what
+        `jax.nn.dot_product_attention`'s XLA path computes its softmax in, and the softmax's
+        backward reads); and once per forward, read by every layer, the boolean [T, T] mask;
+      fused ("splash", "pallas_gpu"): q, k, v and the output and a float32 log-sum-exp per head, on
+        each of the kernel's `kernels.attention_length` slots (2T for prefix-shared rows); nothing
+        of size T^2.
+    Plus the float32 logits and their log-softmax. With remat only each block's input is kept, and
+    one block is recomputed at a time (the mask stays: every block reads it).
     """
     c = decoder_config
     itemsize = jnp.dtype(c.dtype).itemsize
     heads_width = c.num_heads * c.resolved_head_dim
     kv_width = c.num_kv_heads * c.resolved_head_dim
-    per_token_layer = itemsize * (4 * c.embed_dim + 2 * heads_width + 2 * kv_width
-                                  + (3 if c.gated_mlp else 2) * c.mlp_dim + c.num_heads * row_length)
+    qkv_out = itemsize * (2 * heads_width + 2 * kv_width)  # per attended slot
+    block = itemsize * (4 * c.embed_dim + (3 if c.gated_mlp else 2) * c.mlp_dim) * row_length
+    if attention == "dense":
+        layer = block + (qkv_out + 4 * c.num_heads * row_length) * row_length
+        mask = row_length ** 2
+    else:
+        layer = block + (qkv_out + 4 * c.num_heads) * kernels.attention_length(row_length, prefix_shared)
+        mask = 0
     logits = 2 * 4 * c.vocab_size * row_length
-    if remat:
-        return itemsize * c.embed_dim * row_length * c.num_layers + per_token_layer * row_length + logits
-    return per_token_layer * row_length * c.num_layers + logits
+    kept_layers = (itemsize * c.embed_dim * row_length * c.num_layers + layer) if remat else layer * c.num_layers
+    return kept_layers + mask + logits
 
 
 def plan(config, accelerator_name, mesh_text):
-    """Per-device memory and step time of the config's DPO stage on `accelerator_name` x `mesh_text`."""
+    """Per-device memory and step time of the config's DPO stage on `accelerator_name` x `mesh_text`,
+    with the attention path the training forward takes there (`plan_attention`)."""
     if accelerator_name not in ACCELERATORS:
         raise ValueError(f"--accelerator={accelerator_name!r}: one of {sorted(ACCELERATORS)}")
     accelerator = ACCELERATORS[accelerator_name]
@@ -317,21 +396,43 @@ def plan(config, accelerator_name, mesh_text):
     model = planning.plan_model(config, mesh)
     stage = stages.STAGES["dpo"].plan(config, mesh, model)
     state = _state_bytes(stage.abstract_state)
-    decoder_config = models.decoder_config(config.model)
+    # The compute dtype of the target's backend ("auto"), not of the machine planning it.
+    decoder_config = dataclasses.replace(models.decoder_config(config.model),
+                                         dtype=models.compute_dtype(config.model.dtype, accelerator.backend))
+    attention = plan_attention(config, accelerator_name)
+    prefix_shared = config.data.layout.endswith("prefix_shared")
+    block_size = config.model.get("attention_kernel_block_size", 128)
 
     rows, row_length = _rows_per_batch(config)
     batch_shards = math.prod(sizes[a] for a in sharding.BATCH_AXES)
     rows_per_device = rows / batch_shards / config.train.grad_accum_steps  # one micro-batch at a time
-    # Heads and the MLP split over `tensor`; the rest of an activation is replicated there, so this
-    # divides only approximately.
-    activations = {f"activations{suffix}": int(rows_per_device * activation_bytes_per_row(
-        decoder_config, row_length, remat=remat) / sizes["tensor"])
-        for suffix, remat in (("", False), ("_remat", True))}
+    attention_length = row_length if attention == "dense" else kernels.attention_length(row_length, prefix_shared)
+
+    def activations_per_device(length, path, remat):
+        # Heads and the MLP split over `tensor`; the rest of an activation is replicated there, so
+        # this divides only approximately.
+        return int(rows_per_device * activation_bytes_per_row(
+            decoder_config, length, attention=path, remat=remat, prefix_shared=prefix_shared) / sizes["tensor"])
+
+    activations = {f"activations{suffix}": activations_per_device(row_length, attention, remat)
+                   for suffix, remat in (("", False), ("_remat", True))}
+    fused = kernels.default_implementation(accelerator.backend)
+    by_length = {str(length): {f"{name}{suffix}": activations_per_device(length, path, remat)
+                               for name, path in (("dense", "dense"), ("fused", fused))
+                               for suffix, remat in (("", False), ("_remat", True))}
+                 for length in PLAN_ROW_LENGTHS}
     gradients = state["params"]
     live = config.dpo.reference == "live"
-    forward_flops = rows * row_length * matmul_flops_per_token(decoder_config) + rows * row_length ** 2 // 2 \
-        * attention_flops_per_pair(decoder_config)  # causal, every slot a token: the padded-layout bound
-    step_flops = (4 if live else 3) * forward_flops
+    # Every slot counted as a token (the padded-layout bound); attention as the assumed path computes it.
+    matmul_flops = rows * row_length * matmul_flops_per_token(decoder_config)
+    attention_forward_flops = rows * attention_pairs_per_row(
+        row_length, attention, prefix_shared=prefix_shared, block_size=block_size) * attention_flops_per_pair(
+        decoder_config)
+    # The policy's forward and backward and the live reference's forward; remat adds the policy's
+    # forward once more, recomputed in its backward.
+    attention_flops = int((1 + ATTENTION_BACKWARD_FORWARDS[attention] + live) * attention_forward_flops)
+    step_flops = (3 + live) * matmul_flops + attention_flops
+    step_flops_remat = step_flops + matmul_flops + attention_forward_flops
     devices = math.prod(sizes.values())
     compute_sec = step_flops / devices / accelerator.peak_flops
     # Collectives per step: FSDP gathers the parameters for each forward (policy, backward,
@@ -346,24 +447,37 @@ def plan(config, accelerator_name, mesh_text):
     # HBM traffic floor: the step reads params, reference and optimizer state, and writes them back.
     memory_sec = (2 * sum(state.values()) + 2 * gradients) / accelerator.hbm_bytes_per_sec
     memory = {**state, "gradients": gradients, **activations}
-    totals = {"total": sum(state.values()) + gradients + activations["activations"],
-              "total_remat": sum(state.values()) + gradients + activations["activations_remat"]}
+    resident = sum(state.values()) + gradients
+    totals = {"total": resident + activations["activations"],
+              "total_remat": resident + activations["activations_remat"]}
     result = {"mode": "plan", "accelerator": accelerator_name, "mesh": sizes, "devices": devices,
+              "layout": config.data.layout, "attention": attention, "attention_length": attention_length,
               "bytes_per_device": {**memory, **totals}, "hbm_bytes": accelerator.hbm_bytes,
               "fits": totals["total"] <= accelerator.hbm_bytes, "fits_with_remat": totals["total_remat"]
-              <= accelerator.hbm_bytes, "flops_per_step": step_flops, "compute_sec_at_peak": compute_sec,
+              <= accelerator.hbm_bytes, "activations_by_length": by_length,
+              "flops_per_step": step_flops, "flops_per_step_remat": step_flops_remat,
+              "attention_flops_per_step": attention_flops, "compute_sec_at_peak": compute_sec,
               "comm_sec": comm_sec, "hbm_sec": memory_sec,
               "step_sec_lower_bound": max(compute_sec, comm_sec, memory_sec),
               "step_sec_at_40pct_mfu": max(compute_sec / 0.4, comm_sec, memory_sec)}
     print(f"{accelerator_name} x {devices} ({', '.join(f'{a}={s}' for a, s in sizes.items())}): "
-          f"{config.train.global_batch_size} units of {row_length} tokens per step")
+          f"{config.train.global_batch_size} units of {row_length} tokens per step, {attention} attention")
     for name, value in {**memory, **totals}.items():
         print(f"  {name:<18}{value / 2**30:>10.2f} GiB per device")
     print(f"  HBM {accelerator.hbm_bytes / 2**30:.0f} GiB: fits {result['fits']}, with remat "
           f"{result['fits_with_remat']}")
-    print(f"  step: {step_flops:.3g} FLOPs, compute {compute_sec * 1e3:.1f} ms at peak, collectives "
+    print(f"  step: {step_flops:.3g} FLOPs ({attention_flops / step_flops:.0%} attention; with remat "
+          f"{step_flops_remat:.3g}), compute {compute_sec * 1e3:.1f} ms at peak, collectives "
           f"{comm_sec * 1e3:.1f} ms, HBM {memory_sec * 1e3:.1f} ms; at 40% MFU "
           f"{result['step_sec_at_40pct_mfu'] * 1e3:.1f} ms")
+    columns = next(iter(by_length.values()))
+    print(f"  activations by row length, GiB per device ({rows_per_device:g} rows; dense against {fused}; "
+          f"* over HBM with the {resident / 2**30:.2f} GiB above):")
+    print("    " + f"{'tokens':>8}" + "".join(f"{name:>14}" for name in columns))
+    for length, figures in by_length.items():
+        print("    " + f"{length:>8}" + "".join(
+            f"{value / 2**30:>13.2f}{'*' if resident + value > accelerator.hbm_bytes else ' '}"
+            for value in figures.values()))
     return result
 
 
@@ -433,10 +547,7 @@ def _resolve(config, workdir):
     options = config.bench
     validation.normalize_lists(config)
     config.stages = ("dpo",)
-    if options.compute_dtype == "auto":
-        config.model.dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
-    else:
-        config.model.dtype = options.compute_dtype
+    config.model.dtype = models.compute_dtype(options.compute_dtype)
     block_size = options.attention_block_size
     if block_size < 0:  # auto: XLA:CPU has no fused attention kernel to leave the masked blocks to
         block_size = DEFAULT_CPU_ATTENTION_BLOCK if jax.default_backend() == "cpu" else 0
@@ -520,18 +631,16 @@ def attention_seconds(decoder_config, batch, repeats):
     on random q, k, v of the batch's rows with the model's mask of them, through its attention path."""
     inputs = steps._model_inputs(steps._dpo_rows(batch))
     rows, row_length = inputs["segment_ids"].shape
-    _, mask = transformer.positions_and_mask(decoder_config, (rows, row_length), inputs["positions"],
-                                             inputs["segment_ids"], inputs["mask"])
+    _, visibility = transformer.positions_and_visibility(decoder_config, (rows, row_length), inputs["positions"],
+                                                         inputs["segment_ids"], inputs["branch_ids"])
     shape = (rows, row_length, decoder_config.num_heads, decoder_config.resolved_head_dim)
     dtype = jnp.dtype(decoder_config.dtype)
     q, k, v = (jax.random.normal(key, shape, dtype) for key in jax.random.split(jax.random.PRNGKey(0), 3))
-    block_size = decoder_config.attention_block_size
-    attend = (functools.partial(transformer.blockwise_attention, block_size=block_size) if block_size
-              else lambda q, k, v, mask: jax.nn.dot_product_attention(q, k, v, mask=mask))
+    attend = functools.partial(transformer.attend, decoder_config)
     # The mask is an argument, not a closed-over constant that XLA would spend seconds folding.
-    grad_fn = jax.jit(jax.grad(lambda q, k, v, mask: attend(q, k, v, mask).astype(jnp.float32).sum(),
+    grad_fn = jax.jit(jax.grad(lambda q, k, v, visibility: attend(q, k, v, visibility).astype(jnp.float32).sum(),
                                argnums=(0, 1, 2)))
-    return decoder_config.num_layers * _median_seconds(lambda: grad_fn(q, k, v, mask), repeats)
+    return decoder_config.num_layers * _median_seconds(lambda: grad_fn(q, k, v, visibility), repeats)
 
 
 def phase_seconds(stage, model, decoder_config, state, batch, repeats):
@@ -632,8 +741,9 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
     totals = {key: sum(s[key] for s in stats) for key in stats[0]}
     live = config.dpo.reference == "live"
     first = next(iter(bench.compiled.values()))
-    phases = phase_seconds(bench.stage, bench.model, bench.decoder_config, bench.state, bench.fetch(0)[1],
-                           options.phase_repeats)
+    with jax.set_mesh(bench.mesh):  # as the step has it (`sharding.on_mesh`), for the fused attention kernels
+        phases = phase_seconds(bench.stage, bench.model, bench.decoder_config, bench.state, bench.fetch(0)[1],
+                               options.phase_repeats)
     phases["input_wait"] = waited / num_steps
     peak_memory, peak_memory_source = _peak_memory()
     result = {
@@ -859,6 +969,12 @@ def main(argv):
     if _TRL_WORKER.value:
         print(json.dumps(trl_worker(_TRL_WORKER.value)))
         return
+    if _MODE.value == "device_check":  # builds its own configs; exit code 1 when a check failed
+        from dpo_jax import device_check  # pylint: disable=import-outside-toplevel
+        result = device_check.run(device_check.Options(
+            workdir=_DEVICE_CHECK_WORKDIR.value, data=_DEVICE_CHECK_DATA.value, size=_DEVICE_CHECK_SIZE.value))
+        print(json.dumps(result))
+        return 0 if result["ok"] else 1
     config = _CONFIG.value
     if _PLAN.value:
         result = plan(config, _ACCELERATOR.value, _MESH.value)

@@ -104,16 +104,19 @@ def plan_custom_stage(name, mesh, param_plan, optimizer, schedule, step_fn, eval
 # ---------------------------------------------------------------------------------------------
 
 def jit_train_step(plan, mesh, *, donate=True):
-    """The plan's train step jitted with its state and batch shardings, the state donated."""
-    return jax.jit(plan.step_fn, in_shardings=(plan.state_shardings, sharding.batch_sharding(mesh)),
+    """The plan's train step jitted with its state and batch shardings, the state donated (traced
+    with the mesh in context, `sharding.on_mesh`)."""
+    return jax.jit(sharding.on_mesh(plan.step_fn, mesh),
+                   in_shardings=(plan.state_shardings, sharding.batch_sharding(mesh)),
                    out_shardings=(plan.state_shardings, sharding.replicated(mesh)),
                    donate_argnums=0 if donate else ())
 
 
 def jit_eval_step(plan, mesh):
     """The plan's eval step: (params, ref_params, batch) -> metrics, replicated."""
-    return jax.jit(plan.eval_fn, in_shardings=(plan.param_plan.param_shardings, plan.state_shardings.ref_params,
-                                               sharding.batch_sharding(mesh)),
+    return jax.jit(sharding.on_mesh(plan.eval_fn, mesh),
+                   in_shardings=(plan.param_plan.param_shardings, plan.state_shardings.ref_params,
+                                 sharding.batch_sharding(mesh)),
                    out_shardings=sharding.replicated(mesh))
 
 

@@ -24,7 +24,7 @@ def _compute(arrays, params, *, graphdef, mesh, param_shardings, batch_size, des
     num_pairs = len(next(iter(arrays.values())))  # units: pairs, or packed rows of pairs
     padded = -num_pairs % batch_size  # the last batch is completed with copies of pair 0, then dropped
     arrays = {key: np.concatenate([value, np.repeat(value[:1], padded, axis=0)]) for key, value in arrays.items()}
-    compute = jax.jit(lambda p, batch: steps.reference_logps(p, batch, graphdef=graphdef),
+    compute = jax.jit(sharding.on_mesh(lambda p, batch: steps.reference_logps(p, batch, graphdef=graphdef), mesh),
                       in_shardings=(param_shardings, sharding.batch_sharding(mesh)),
                       out_shardings=sharding.replicated(mesh))
     outputs = [jax.device_get(compute(params, sharding.global_batch(local_batch, mesh)))

@@ -6,6 +6,7 @@ slices with `dcn`), parameters split over `fsdp`, heads and MLP split over `tens
 split over `dcn` x `data` x `fsdp`.
 """
 
+import functools
 import math
 
 import jax
@@ -56,6 +57,17 @@ def make_mesh(mesh_config, devices=None):
     else:
         device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     return jax.sharding.Mesh(device_array, MESH_AXES, axis_types=(AxisType.Auto,) * len(MESH_AXES))
+
+
+def on_mesh(fn, mesh):
+    """`fn` traced with `mesh` in context (`jax.sharding.get_abstract_mesh()`), to jit: the fused
+    attention kernels read it to split themselves over the devices (`models.transformer.attend`).
+    Only while it is traced: a mesh in context also changes how Flax creates variables."""
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*args, **kwargs)
+    return traced
 
 
 def logical_to_mesh(spec: PartitionSpec, shape, mesh) -> PartitionSpec:

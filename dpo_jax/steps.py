@@ -22,7 +22,6 @@ import jax.numpy as jnp
 import optax
 
 from dpo_jax import losses, models
-from dpo_jax.data import layouts
 
 
 @flax.struct.dataclass
@@ -74,23 +73,11 @@ def make_optimizer(train_config, stage_config, trainable=None):
 # Log-probs of a batch
 # ---------------------------------------------------------------------------------------------
 
-def _prefix_shared_mask(segment_ids, branch_ids):
-    """[rows, time, time]: causal within a segment, seeing the shared prompt and the query's own branch only."""
-    length = segment_ids.shape[1]
-    causal = jnp.tril(jnp.ones((length, length), bool))
-    same_segment = segment_ids[:, :, None] == segment_ids[:, None, :]
-    visible_branch = ((branch_ids[:, None, :] == layouts.PROMPT_BRANCH)
-                      | (branch_ids[:, :, None] == branch_ids[:, None, :]))
-    return causal & same_segment & visible_branch
-
-
 def _model_inputs(batch, prefix=""):
     """The keyword arguments of `models.apply` / `models.apply_scalar` for a batch's rows: ids,
-    positions, segments and, for prefix-shared rows, the explicit attention mask."""
-    segment_ids = batch[prefix + "segment_ids"]
-    mask = _prefix_shared_mask(segment_ids, batch["branch_ids"]) if "branch_ids" in batch else None
+    positions, segments and, for prefix-shared rows, the branch ids."""
     return dict(input_ids=batch[prefix + "input_ids"], positions=batch.get(prefix + "positions"),
-                segment_ids=segment_ids, mask=mask)
+                segment_ids=batch[prefix + "segment_ids"], branch_ids=batch.get("branch_ids"))
 
 
 def _shifted_logits(graphdef, params, batch, prefix="", *, use_lora=True):

@@ -23,7 +23,8 @@ RESUMABLE_CHANGES = tuple(f"{stage}.num_steps" for stage in stages.STAGES) + (
     "checkpoint.best_metric", "checkpoint.best_mode", "train.log_every_steps", "train.max_nonfinite_steps",
     "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor",
     # How the same network is computed, so a run can move between machines.
-    "model.remat", "model.attention_block_size", "model.logits_chunk_size")
+    "model.remat", "model.attention_kernel", "model.attention_kernel_block_size", "model.attention_block_size",
+    "model.logits_chunk_size")
 
 
 def _as_saved(value):

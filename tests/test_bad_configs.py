@@ -65,8 +65,10 @@ def _refusal(overrides):
     ({"ppo.gamma": 1.5}, "ppo.gamma", "must be in [0, 1]"),
     ({"dpo.reference_update_alpha": 0.0}, "dpo.reference_update_alpha", "must be in (0, 1]"),
     ({"dpo.loss_options.rpo_alpha": INF}, "dpo.loss_options.rpo_alpha", "must be a finite number"),
-    ({"model.dtype": "float7"}, "model.dtype", "must be one of ('float32', 'bfloat16', 'float16'), got 'float7'"),
+    ({"model.dtype": "float7"}, "model.dtype",
+     "must be auto or one of ('float32', 'bfloat16', 'float16'), got 'float7'"),
     ({"model.param_dtype": "int8"}, "model.param_dtype", "must be one of"),
+    ({"model.param_dtype": "auto"}, "model.param_dtype", "must be one of ('float32', 'bfloat16', 'float16')"),
     ({"model.num_heads": 0}, "model.num_heads", "must be > 0"),
     ({"model.num_kv_heads": 0}, "model.num_kv_heads", "must be > 0"),
     ({"model.norm_eps": 0.0}, "model.norm_eps", "must be > 0"),
@@ -75,6 +77,15 @@ def _refusal(overrides):
     ({"model.rope_scaling": "llama3", "model.rope_high_freq_factor": 1.0}, "model.rope_high_freq_factor",
      "llama3 rope scaling needs it > model.rope_low_freq_factor=1.0"),
     ({"model.activation": "swishy"}, "model.activation", "is not one of"),
+    ({"model.attention_kernel": "flash"}, "model.attention_kernel",
+     "must be one of ('auto', 'dense', 'splash', 'pallas_gpu'), got 'flash'"),
+    ({"model.attention_kernel": "splash", "model.sliding_window": 16}, "model.attention_kernel",
+     "splash takes no sliding window (model.sliding_window=16); use auto or dense"),
+    ({"model.attention_kernel": "splash", "model.attention_kernel_block_size": 64},
+     "model.attention_kernel_block_size", "must be a multiple of 128 for splash attention, got 64"),
+    ({"model.attention_kernel": "pallas_gpu", "model.attention_kernel_block_size": 96},
+     "model.attention_kernel_block_size", "must be a power of two >= 16 for pallas_gpu attention, got 96"),
+    ({"model.attention_kernel_block_size": 0}, "model.attention_kernel_block_size", "must be > 0"),
     ({"data.weights": (INF,)}, "data.weights", "must be finite numbers (no NaN or inf), got (inf,)"),
     ({"evaluation.temperatures": (1.0, -1.0)}, "evaluation.temperatures", "each item must be >= 0 (0: greedy)"),
     ({"experiment.dpo_betas": (0.1, NAN)}, "experiment.dpo_betas", "must be finite numbers"),
@@ -84,6 +95,13 @@ def _refusal(overrides):
 def test_a_bad_value_is_refused_naming_its_key(overrides, culprit, reason):
     message = _refusal(overrides)
     assert message.startswith(f"config.{culprit}") and reason in message, message
+
+
+@pytest.mark.parametrize("dtype", ("auto",) + validation.DTYPES)
+def test_every_compute_dtype_and_auto_are_accepted(dtype):
+    config = run_config("quickstart", "runlocal")
+    config.model.dtype = dtype
+    validation.validate(config)
 
 
 def _float_keys():

@@ -97,11 +97,10 @@ def test_attention_flops_count_the_pairs_the_model_attends(layout):
     arrays = layouts.pair_arrays(pairs, layout, max_length=16, row_length=32, max_pairs_per_row=3)
     rows = steps._dpo_rows(arrays)  # pylint: disable=protected-access
     segment_ids = np.asarray(rows["segment_ids"])
+    index = np.arange(segment_ids.shape[1])
+    mask = transformer.attention_mask(segment_ids, segment_ids, index, index)[:, 0]
     if "branch_ids" in arrays:
-        mask = steps._prefix_shared_mask(segment_ids, arrays["branch_ids"])  # pylint: disable=protected-access
-    else:
-        index = np.arange(segment_ids.shape[1])
-        mask = transformer.attention_mask(segment_ids, segment_ids, index, index)[:, 0]
+        mask = mask & transformer.branch_mask(rows["branch_ids"])
     expected = int(np.sum(np.asarray(mask) & (segment_ids > 0)[:, :, None]))
     counted = sum(bench._attended_pairs(arrays[key], arrays.get("branch_ids"))  # pylint: disable=protected-access
                   for key in arrays if key.endswith("segment_ids"))
@@ -116,11 +115,11 @@ def _layout_rows_and_mask(layout, seed):
              for _ in range(6)]
     arrays = layouts.pair_arrays(pairs, layout, max_length=35, row_length=70, max_pairs_per_row=3)
     rows = steps._dpo_rows(arrays)  # pylint: disable=protected-access
-    inputs = steps._model_inputs(rows)  # pylint: disable=protected-access
-    if inputs["mask"] is not None:
-        return rows, inputs["mask"][:, None]
     index = np.arange(rows["segment_ids"].shape[1])
-    return rows, transformer.attention_mask(rows["segment_ids"], rows["segment_ids"], index, index)
+    mask = transformer.attention_mask(rows["segment_ids"], rows["segment_ids"], index, index)
+    if "branch_ids" in rows:
+        mask = mask & transformer.branch_mask(rows["branch_ids"])[:, None]
+    return rows, mask
 
 
 @pytest.mark.parametrize("layout,num_kv_heads,block_size", [(layout, 4, 16) for layout in layouts.LAYOUTS]
@@ -226,6 +225,10 @@ def test_plan_command_line_for_a_preset_on_a_pod():
     assert memory["opt_state"] == pytest.approx(2 * memory["params"], rel=0.01)
     assert memory["activations_remat"] < memory["activations"]
     assert result["step_sec_lower_bound"] > 0
+    assert result["attention"] == "splash"  # auto on a TPU
+    table = result["activations_by_length"]
+    assert list(table) == [str(length) for length in bench.PLAN_ROW_LENGTHS]
+    assert all(figures["fused"] < figures["dense"] for figures in table.values())
 
 
 def test_plan_without_the_reference_holds_no_reference_bytes():
@@ -234,3 +237,120 @@ def test_plan_without_the_reference_holds_no_reference_bytes():
     result = bench.plan(config, "h100", "data=1")
     assert result["bytes_per_device"]["ref_params"] == 0
     assert result["flops_per_step"] < bench.plan(run_config("quickstart"), "h100", "data=1")["flops_per_step"]
+
+
+def _quickstart_decoder(dtype="float32"):
+    config = run_config("quickstart").model
+    config.dtype = dtype
+    return models.decoder_config(config)
+
+
+@pytest.mark.parametrize("remat", [False, True])
+def test_plan_dense_activations_grow_quadratically_and_fused_ones_linearly(remat):
+    """Doubling the row doubles everything the fused path keeps (it is all per token), while the
+    dense path keeps 2 T^2 entries more than twice its bytes at T: of the float32 softmax output of
+    each head of every kept layer (one with remat, recomputed), and of the boolean [T, T] mask. In
+    bfloat16, so that the float32 entries are told from the compute dtype's."""
+    c = _quickstart_decoder("bfloat16")
+    assert jnp.dtype(c.dtype).itemsize == 2
+    length = 512
+
+    def kept(row_length, attention, prefix_shared=False):
+        return bench.activation_bytes_per_row(c, row_length, attention=attention, remat=remat,
+                                              prefix_shared=prefix_shared)
+
+    layers = 1 if remat else c.num_layers
+    quadratic = 2 * length ** 2 * (4 * c.num_heads * layers + 1)
+    assert kept(2 * length, "dense") - 2 * kept(length, "dense") == quadratic
+    for attention in ("splash", "pallas_gpu"):
+        for prefix_shared in (False, True):
+            assert kept(2 * length, attention, prefix_shared) == 2 * kept(length, attention, prefix_shared)
+    # Prefix sharing gives the kernel a row of 2T slots: T more of q, k, v, the output and a float32
+    # log-sum-exp per head, in each kept layer.
+    width = c.resolved_head_dim * (2 * c.num_heads + 2 * c.num_kv_heads)
+    per_slot = jnp.dtype(c.dtype).itemsize * width + 4 * c.num_heads
+    assert kept(length, "splash", True) - kept(length, "splash") == layers * length * per_slot
+    # At one length the paths differ by the weights against the log-sum-exp, and the mask.
+    assert kept(length, "dense") - kept(length, "splash") == (
+        layers * length * 4 * c.num_heads * (length - 1) + length ** 2)
+
+
+@pytest.mark.parametrize("accelerator,model_overrides,expected", [
+    ("tpu-v5p", {}, "splash"), ("tpu-v5e", {}, "splash"), ("h100", {}, "pallas_gpu"), ("h200", {}, "pallas_gpu"),
+    ("tpu-v5p", {"attention_kernel": "dense"}, "dense"), ("h100", {"attention_kernel": "pallas_gpu"}, "pallas_gpu"),
+    ("tpu-v5p", {"sliding_window": 8}, "dense"), ("h200", {"sliding_window": 8}, "dense")])
+def test_plan_assumes_the_attention_the_training_forward_takes_there(accelerator, model_overrides, expected):
+    """auto is the chip's fused kernel; an explicit kernel is taken as given; a sliding window is dense.
+    The activation estimate follows: the dense path keeps more than the fused one."""
+    config = run_config("quickstart")
+    config.model.update(model_overrides)
+    result = bench.plan(config, accelerator, "data=1")
+    assert result["attention"] == expected
+    kernel_planned = bench.plan(run_config("quickstart"), accelerator, "data=1")
+    if expected == "dense":
+        assert result["bytes_per_device"]["activations"] > kernel_planned["bytes_per_device"]["activations"]
+    else:
+        assert result["bytes_per_device"]["activations"] == kernel_planned["bytes_per_device"]["activations"]
+
+
+def test_plan_rejects_a_kernel_the_accelerator_does_not_run():
+    config = run_config("quickstart")
+    config.model.attention_kernel = "splash"
+    with pytest.raises(ValueError, match="does not run on h100"):
+        bench.plan(config, "h100", "data=1")
+
+
+def test_plan_prefix_shared_rows_give_the_fused_kernel_a_row_twice_as_long():
+    """Attention FLOPs per step of packed rows of T = 1024 slots with and without prefix sharing: the
+    fused kernel visits the causal block pairs of its row, T / 128 = n blocks or, the prompts copied,
+    2n; the dense path computes all T^2 pairs either way. Per step: the policy's forward, a backward
+    of 3.5 forwards (fused: the scores recomputed) or 2 (dense), and the live reference's forward."""
+    c = _quickstart_decoder()
+    length, block = 1024, 128
+    per_pair = 4 * c.num_layers * c.num_heads * c.resolved_head_dim
+    n = length // block
+    results = {}
+    for layout in ("packed", "packed_prefix_shared"):
+        for kernel in ("auto", "dense"):
+            config = run_config("quickstart")
+            config.data.update(layout=layout, row_length=length)
+            config.model.update(attention_kernel=kernel, attention_kernel_block_size=block)
+            results[layout, kernel] = bench.plan(config, "tpu-v5p", "data=1")
+    rows = config.train.global_batch_size
+    fused = {"packed": n * (n + 1) // 2, "packed_prefix_shared": 2 * n * (2 * n + 1) // 2}
+    for layout, block_pairs in fused.items():
+        result = results[layout, "auto"]
+        assert result["attention"] == "splash"
+        assert result["attention_length"] == (2 * length if layout == "packed_prefix_shared" else length)
+        assert result["attention_flops_per_step"] == pytest.approx(
+            rows * block_pairs * block ** 2 * per_pair * (1 + 3.5 + 1), rel=1e-12)
+        assert results[layout, "dense"]["attention_flops_per_step"] == pytest.approx(
+            rows * length ** 2 * per_pair * (1 + 2 + 1), rel=1e-12)
+    prefix_over_packed = (results["packed_prefix_shared", "auto"]["attention_flops_per_step"]
+                          / results["packed", "auto"]["attention_flops_per_step"])
+    assert prefix_over_packed == pytest.approx((2 * length) ** 2 / length ** 2, rel=0.25)  # (2T)^2/2 over T^2/2
+    step_difference = (results["packed_prefix_shared", "auto"]["flops_per_step"]
+                       - results["packed", "auto"]["flops_per_step"])
+    assert step_difference == pytest.approx(results["packed_prefix_shared", "auto"]["attention_flops_per_step"]
+                                            - results["packed", "auto"]["attention_flops_per_step"], rel=1e-12)
+
+
+def test_plan_tabulates_activations_by_row_length_dense_against_fused():
+    """The table: per device, the config's rows (padded: 2 per pair) at each length. The fused column
+    doubles with the length; the dense one outgrows that by the rows' softmax outputs and masks, so
+    its share over the fused one rises with every doubling."""
+    config = run_config("quickstart")
+    config.model.dtype = "bfloat16"
+    c = models.decoder_config(config.model)
+    result = bench.plan(config, "h100", "data=1")
+    table = {int(length): figures for length, figures in result["activations_by_length"].items()}
+    rows = 2 * config.train.global_batch_size
+    lengths = sorted(table)
+    assert lengths == list(bench.PLAN_ROW_LENGTHS)
+    for short, long in zip(lengths, lengths[1:]):
+        assert long == 2 * short
+        for column in ("fused", "fused_remat"):
+            assert abs(table[long][column] - 2 * table[short][column]) <= 1  # int bytes per device
+        assert table[long]["dense"] - 2 * table[short]["dense"] == pytest.approx(
+            rows * 2 * short ** 2 * (4 * c.num_heads * c.num_layers + 1), abs=2)
+        assert table[long]["dense"] / table[long]["fused"] > table[short]["dense"] / table[short]["fused"]

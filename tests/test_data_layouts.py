@@ -8,6 +8,7 @@ import pytest
 
 from dpo_jax import models, steps
 from dpo_jax.data import layouts
+from dpo_jax.models import transformer
 
 MAX_LENGTH = 20
 
@@ -96,7 +97,9 @@ def test_prefix_shared_rows_encode_the_prompt_once_and_hide_chosen_from_rejected
     np.testing.assert_array_equal(arrays["branch_ids"][0, :length], [0, 0, 1, 1, 1, 1, 2, 2, 2])
     np.testing.assert_array_equal(arrays["sequence_ids"][0, :length], [-1, -1, -1, 0, 0, 0, -1, 1, 1])
     assert arrays["segment_ids"][0, length:].sum() == 0 and arrays["pair_mask"].tolist() == [[True]]
-    mask = np.asarray(steps._prefix_shared_mask(arrays["segment_ids"], arrays["branch_ids"]))[0]
+    index = np.arange(16)
+    mask = transformer.attention_mask(arrays["segment_ids"], arrays["segment_ids"], index, index)[:, 0]
+    mask = np.asarray(mask & transformer.branch_mask(arrays["branch_ids"]))[0]
     rejected_first = 6
     assert mask[rejected_first, :2].all()          # sees the shared prompt
     assert not mask[rejected_first, 2:6].any()     # not the chosen branch

@@ -110,7 +110,8 @@ def test_learning_rate_warms_up_linearly(tiny_config, optimizer, schedule):
 
 
 def test_bfloat16_compute_keeps_log_probs_and_loss_in_float32(tiny_config):
-    """Mixed precision: float32 parameters, bfloat16 matmuls, float32 log-probs and loss."""
+    """Mixed precision: float32 parameters, bfloat16 matmuls, float32 logits (the unembedding's
+    accumulator), log-probs and loss."""
     results = {}
     for dtype in ("float32", "bfloat16"):
         tiny_config.model.dtype = dtype
@@ -123,7 +124,7 @@ def test_bfloat16_compute_keeps_log_probs_and_loss_in_float32(tiny_config):
         loss, (metrics, _) = steps.dpo_loss(params, reference, batch, None, graphdef=graphdef,
                                             dpo_config=tiny_config.dpo)
         results[dtype] = (logits.dtype, logps.dtype, loss.dtype, float(loss), jax.tree.map(lambda p: p.dtype, params))
-    assert results["bfloat16"][0] == jnp.bfloat16 and results["float32"][0] == jnp.float32
+    assert results["bfloat16"][0] == results["float32"][0] == jnp.float32
     assert results["bfloat16"][1] == jnp.float32 and results["bfloat16"][2] == jnp.float32
     assert set(jax.tree.leaves(results["bfloat16"][4])) == {jnp.dtype("float32")}
     assert results["bfloat16"][3] == pytest.approx(results["float32"][3], abs=2e-2)

@@ -95,11 +95,16 @@ def model_config(preset="tiny", **overrides):
         lm_head_bias=False,               # bias on an untied output projection (GPT-J)
         hf_model_type="gpt2",             # Hugging Face format save_hf writes: gpt2 | gpt_neox | gptj | llama |
                                           #   mistral | qwen2 | gemma (set from config.json with init_from_hf)
-        dtype="float32",                  # compute dtype (bfloat16 on TPU/GPU)
+        dtype="auto",                     # compute dtype: auto = bfloat16 on TPU/GPU, float32 on CPU; log-probs,
+                                          #   losses and norms' statistics are float32 whatever it is
         param_dtype="float32",            # parameter storage dtype
         remat=False,                      # rematerialise each block in the backward pass
-        attention_block_size=0,           # 0: jax.nn.dot_product_attention (fused on TPU/GPU); > 0: blockwise
-                                          #   attention skipping fully masked blocks of this size (packed rows on CPU)
+        attention_kernel="auto",          # training attention: auto = splash on TPU, pallas_gpu on GPU, dense on
+                                          #   CPU | dense (the masked path below) | splash | pallas_gpu (fused
+                                          #   kernels taking segment ids; interpret mode on CPU); docs/models.md
+        attention_kernel_block_size=128,  # the fused kernels' query and key block (splash: a multiple of 128)
+        attention_block_size=0,           # dense path: 0 = jax.nn.dot_product_attention; > 0: blockwise attention
+                                          #   skipping fully masked blocks of this size (packed rows on CPU)
         logits_chunk_size=128,            # training log-probs from logits of the scored (response) tokens only, this
                                           #   many per row at a time (memory bounded in the vocabulary); 0: full logits
         init_from_hf="",                  # local Hugging Face model dir to start from ("" = random init); its

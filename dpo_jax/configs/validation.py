@@ -15,11 +15,14 @@ import math
 from dpo_jax import models, scorers, stages, storage
 from dpo_jax.configs import schema
 from dpo_jax.data import builders, layouts, records, task
+from dpo_jax.models import kernels
 from dpo_jax.stages.base import check as _check
 from dpo_jax.stages.base import check_optimizer_block
 
-# Compute and storage dtypes of the model: what XLA runs on TPU, GPU and CPU.
+# Compute and storage dtypes of the model: what XLA runs on TPU, GPU and CPU (the compute dtype may also be
+# "auto", `models.compute_dtype`).
 DTYPES = ("float32", "bfloat16", "float16")
+ATTENTION_KERNELS = ("auto",) + kernels.IMPLEMENTATIONS
 
 # The range of each number that does not depend on other keys, as an interval ("(0, inf)": > 0),
 # and an optional note for the message. Every float key of the schema is here (a test checks it),
@@ -81,6 +84,7 @@ RANGES = {
     "model.max_position_embeddings": _POSITIVE,
     "model.sliding_window": (_NON_NEGATIVE, "0: full attention"),
     "model.attention_block_size": (_NON_NEGATIVE, "0: dense attention"),
+    "model.attention_kernel_block_size": (_POSITIVE, "the fused kernels' block"),
     "model.logits_chunk_size": (_NON_NEGATIVE, "0: full logits"),
     "model.norm_eps": _POSITIVE,
     "model.norm_scale_offset": _FINITE,
@@ -260,8 +264,8 @@ def _validate_evaluation(config):
 
 def _validate_model(config):
     model = config.model
-    for key in ("dtype", "param_dtype"):
-        _check(model[key] in DTYPES, f"model.{key}", f"must be one of {DTYPES}, got {model[key]!r}")
+    _check(model.dtype in ("auto",) + DTYPES, "model.dtype", f"must be auto or one of {DTYPES}, got {model.dtype!r}")
+    _check(model.param_dtype in DTYPES, "model.param_dtype", f"must be one of {DTYPES}, got {model.param_dtype!r}")
     _check(model.rope_scaling != "llama3" or model.rope_high_freq_factor > model.rope_low_freq_factor,
            "model.rope_high_freq_factor", f"llama3 rope scaling needs it > model.rope_low_freq_factor="
            f"{model.rope_low_freq_factor}, got {model.rope_high_freq_factor}")
@@ -284,6 +288,16 @@ def _validate_model(config):
            f"must divide model.embed_dim={model.embed_dim} (or set model.head_dim)")
     _check(model.num_heads % model.num_kv_heads == 0, "model.num_kv_heads",
            f"must divide model.num_heads={model.num_heads}")
+    _check(model.attention_kernel in ATTENTION_KERNELS, "model.attention_kernel",
+           f"must be one of {ATTENTION_KERNELS}, got {model.attention_kernel!r}")
+    _check(not (model.sliding_window and model.attention_kernel in kernels.IMPLEMENTATIONS[1:]),
+           "model.attention_kernel", f"{model.attention_kernel} takes no sliding window (model.sliding_window="
+           f"{model.sliding_window}); use auto or dense")
+    block, fused = model.attention_kernel_block_size, kernels.resolve(model.attention_kernel)
+    _check(fused != "splash" or block % kernels.TPU_LANES == 0, "model.attention_kernel_block_size",
+           f"must be a multiple of {kernels.TPU_LANES} for splash attention, got {block}")
+    _check(fused != "pallas_gpu" or (block >= 16 and not block & (block - 1)), "model.attention_kernel_block_size",
+           f"must be a power of two >= 16 for pallas_gpu attention, got {block}")
     _check(model.position_embedding in ("learned", "rope"), "model.position_embedding",
            f"must be learned or rope, got {model.position_embedding!r}")
     _check(model.norm in ("layernorm", "rmsnorm"), "model.norm", f"must be layernorm or rmsnorm, got {model.norm!r}")

@@ -26,17 +26,32 @@ from dpo_jax.models.tokenizer import Tokenizer, load_tokenizer
 from dpo_jax.models.transformer import Decoder, DecoderConfig
 
 __all__ = ["Decoder", "DecoderConfig", "ScalarModel", "Tokenizer", "abstract_model", "abstract_scalar_model", "apply",
-           "apply_scalar", "apply_token_logps", "decoder_config", "fold_adapters", "init_params", "init_scalar_params",
-           "load_hf", "load_tokenizer", "save_hf", "trainable_mask"]
+           "apply_scalar", "apply_token_logps", "compute_dtype", "decoder_config", "fold_adapters", "init_params",
+           "init_scalar_params", "load_hf", "load_tokenizer", "save_hf", "trainable_mask"]
 
 # Parameters are created abstractly and placed by jit out_shardings, not sharded eagerly by Flax.
 nnx.use_eager_sharding(False)
 
 
+# `config.model.dtype="auto"`: bfloat16 where the matrix units compute it natively (TPU, GPU), float32
+# elsewhere (on XLA:CPU a bfloat16 step is slower than a float32 one, docs/benchmarks.md, and less precise).
+BFLOAT16_BACKENDS = ("tpu", "gpu")
+
+
+def compute_dtype(dtype, backend=None):
+    """The compute dtype `config.model.dtype` stands for on `backend` (default: `jax.default_backend()`):
+    "auto" is bfloat16 on TPU and GPU, float32 on CPU; any other name is itself."""
+    if dtype != "auto":
+        return dtype
+    return "bfloat16" if (backend or jax.default_backend()) in BFLOAT16_BACKENDS else "float32"
+
+
 def decoder_config(model_config):
-    """The DecoderConfig of `config.model`; with `init_from_hf`, its architecture is the checkpoint's."""
+    """The DecoderConfig of `config.model`, its compute dtype resolved (`compute_dtype`); with
+    `init_from_hf`, its architecture is the checkpoint's."""
     path = model_config.get("init_from_hf")
-    return DecoderConfig.from_config(model_config, hf.architecture_fields(path) if path else None)
+    config = DecoderConfig.from_config(model_config, hf.architecture_fields(path) if path else None)
+    return dataclasses.replace(config, dtype=compute_dtype(config.dtype))
 
 
 def _abstract(config):
@@ -98,19 +113,21 @@ def fold_adapters(model_config, params, *, seed, shardings):
     return jax.jit(fold, out_shardings=shardings, donate_argnums=0)(params)
 
 
-def apply(graphdef, params, input_ids, positions=None, segment_ids=None, *, mask=None, use_lora=True):
-    """Logits [batch, time, vocab] of the model `graphdef` with `params`; a pure function.
+def apply(graphdef, params, input_ids, positions=None, segment_ids=None, *, branch_ids=None, mask=None,
+          use_lora=True):
+    """Logits [batch, time, vocab] of the model `graphdef` with `params`; a pure function (the row
+    arguments as `transformer.Decoder.__call__`).
 
     `use_lora=False` switches LoRA adapters off: the base model, i.e. the reference of LoRA-DPO.
     """
     model = nnx.merge(graphdef, params)
     if not use_lora:
         model = nnx.view(model, use_lora=False)
-    return model(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+    return model(input_ids, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids, mask=mask)
 
 
-def apply_token_logps(graphdef, params, input_ids, loss_mask, positions=None, segment_ids=None, *, mask=None,
-                      use_lora=True, with_stats=False):
+def apply_token_logps(graphdef, params, input_ids, loss_mask, positions=None, segment_ids=None, *, branch_ids=None,
+                      mask=None, use_lora=True, with_stats=False):
     """log p(input_ids[:, t + 1] | input_ids[:, :t + 1]) [batch, time - 1] float32 where
     `loss_mask[:, t + 1]` is set, 0 elsewhere; a pure function (arguments as `apply`). `with_stats`:
     (log-probs, the prediction statistics of `losses.token_logps_and_stats`, zeroed the same way).
@@ -125,10 +142,11 @@ def apply_token_logps(graphdef, params, input_ids, loss_mask, positions=None, se
     labels, scored = input_ids[:, 1:], loss_mask[:, 1:]
     chunk_size = model.config.logits_chunk_size
     if chunk_size:
-        hidden = model.features(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+        hidden = model.features(input_ids, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids,
+                                mask=mask)
         return losses.scored_token_logps(hidden[:, :-1], labels, scored, model.unembedding(), chunk_size=chunk_size,
                                          with_stats=with_stats)
-    logits = model(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+    logits = model(input_ids, positions=positions, segment_ids=segment_ids, branch_ids=branch_ids, mask=mask)
     zeroed = lambda values: jnp.where(scored > 0, values, 0.0)
     if with_stats:
         logps, stats = losses.token_logps_and_stats(logits[:, :-1], labels)
@@ -144,7 +162,8 @@ def load_hf(path, dtype="float32", *, param_dtype=None, lora_config=None, mesh=N
     mesh: a mesh from `dpo_jax.sharding.make_mesh` to shard the weights over as they are read, by
         the logical axis rules of `dpo_jax.sharding` (default: the default device).
     """
-    model_config = dict(init_from_hf=storage.absolute(path), dtype=dtype, param_dtype=param_dtype or dtype)
+    model_config = dict(init_from_hf=storage.absolute(path), dtype=dtype,
+                        param_dtype=param_dtype or compute_dtype(dtype))
     if lora_config is not None:
         model_config["lora"] = lora_config
     config = decoder_config(model_config)

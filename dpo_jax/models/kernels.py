@@ -12,6 +12,14 @@ inside each block:
   - "dense": `jax.nn.dot_product_attention` with the explicit mask: the reference, and the CPU path.
 All three compute the same function, and on CPU the two kernels run in Pallas interpret mode
 (`interpret=True`), which is how `tests/test_kernels.py` holds them to the dense reference.
+
+Prefix-shared rows (`prefix_shared_attention`) hold prompt | chosen | rejected of a pair in one
+segment, and the rejected response must see the prompt but not the chosen response: no single
+segment-id mask says that. So the kernels attend over a longer row in which each pair's prompt keys
+and values are copied right in front of its rejected branch, and the copy and the rejected branch
+form a segment of their own: causality and segment ids then give exactly the prefix-shared mask.
+The copies are gathers, so gradients flow back to the prompt by the gather's transpose (summed over
+both branches), and the kernel's row is at most twice the row (`attention_length`).
 """
 
 import math
@@ -38,6 +46,11 @@ def default_implementation(backend=None):
     return {"tpu": "splash", "gpu": "pallas_gpu"}.get(backend, "dense")
 
 
+def resolve(implementation, backend=None):
+    """An implementation name with "auto" replaced by `default_implementation(backend)`."""
+    return default_implementation(backend) if implementation == "auto" else implementation
+
+
 def segment_attention(query, key, value, segment_ids, *, implementation="dense", block_size=128, interpret=False):
     """Softmax attention of each token over the earlier tokens of its own segment and itself.
 
@@ -60,8 +73,7 @@ def segment_attention(query, key, value, segment_ids, *, implementation="dense",
     interpret: run the kernel's Pallas program in interpret mode (on CPU); for splash also a
         `jax.experimental.pallas.tpu.InterpretParams()`, the TPU-faithful interpreter.
     """
-    if implementation == "auto":
-        implementation = default_implementation()
+    implementation = resolve(implementation)
     batch, length, num_heads, head_dim = query.shape
     num_kv_heads = key.shape[2]
     if key.shape != value.shape or key.shape[:2] != (batch, length) or key.shape[3] != head_dim:
@@ -83,6 +95,73 @@ def segment_attention(query, key, value, segment_ids, *, implementation="dense",
         raise ValueError(f"segment_attention: implementation={implementation!r} is not one of "
                          f"{IMPLEMENTATIONS + ('auto',)}")
     return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(query.dtype)
+
+
+def attention_length(length, prefix_shared):
+    """Slots of the row a fused kernel attends over for a row of `length` tokens: twice as many for
+    prefix-shared rows (room for a copy of every prompt token), else the row itself."""
+    return 2 * length if prefix_shared else length
+
+
+def prefix_shared_attention(query, key, value, segment_ids, branch_ids, *, implementation="dense", block_size=128,
+                            interpret=False):
+    """Softmax attention of prefix-shared rows (`dpo_jax.data.layouts`): each token attends causally
+    within its segment (a pair) to the shared prompt (branch 0) and to its own branch only.
+
+    branch_ids: [batch, time] int, 0 for the prompt (and padding), 1 the chosen response, 2 the
+    rejected one; each pair's prompt is contiguous and precedes its two branches. Other arguments
+    and the result as `segment_attention`; "dense" applies the mask itself, the kernels attend over
+    rows with the prompt copied (the module docstring), of `attention_length(time, True)` slots.
+    """
+    implementation = resolve(implementation)
+    if branch_ids.shape != segment_ids.shape:
+        raise ValueError(f"prefix_shared_attention: branch_ids {branch_ids.shape} must be shaped like "
+                         f"segment_ids {segment_ids.shape}")
+    segment_ids, branch_ids = segment_ids.astype(jnp.int32), branch_ids.astype(jnp.int32)
+    if implementation == "dense":
+        index = jnp.arange(query.shape[1])
+        mask = ((index[:, None] >= index[None, :]) & (segment_ids[:, :, None] == segment_ids[:, None, :])
+                & ((branch_ids[:, None, :] == PROMPT_BRANCH) | (branch_ids[:, :, None] == branch_ids[:, None, :])))
+        out = jax.nn.dot_product_attention(query, key.astype(query.dtype), value.astype(query.dtype),
+                                           mask=mask[:, None])
+        return jnp.where((segment_ids != 0)[:, :, None, None], out, 0).astype(query.dtype)
+    source, expanded_segment_ids, destination = jax.vmap(_with_prompt_copies)(segment_ids, branch_ids)
+    gather = lambda x: jnp.take_along_axis(x, source[:, :, None, None], axis=1)
+    out = segment_attention(gather(query), gather(key), gather(value), expanded_segment_ids,
+                            implementation=implementation, block_size=block_size, interpret=interpret)
+    return jnp.take_along_axis(out, destination[:, :, None, None], axis=1)
+
+
+PROMPT_BRANCH, REJECTED_BRANCH = 0, 2  # as `dpo_jax.data.layouts`, which the pure core does not import
+
+
+def _with_prompt_copies(segment_ids, branch_ids):
+    """One prefix-shared row [time] laid out for a segment-masked kernel, as index arrays:
+    (source [2 time]: the row slot each kernel slot reads, segment ids [2 time] of the kernel slots,
+    destination [time]: the kernel slot of each row slot). A pair k (segment k) becomes segment 2k
+    (prompt and chosen) and segment 2k + 1 (the prompt's copy and rejected); unused slots are 0."""
+    length = segment_ids.shape[0]
+    index = jnp.arange(length)
+    real = segment_ids != 0
+    prompt = real & (branch_ids == PROMPT_BRANCH)
+    rejected = real & (branch_ids == REJECTED_BRANCH)
+    num_segments = length + 1  # segment ids of a row are at most its length
+    prompt_length = jax.ops.segment_sum(prompt.astype(jnp.int32), segment_ids, num_segments)
+    prompt_start = jax.ops.segment_min(jnp.where(prompt, index, length), segment_ids, num_segments)
+    previous_rejected = jnp.concatenate([jnp.zeros(1, bool), rejected[:-1]])
+    previous_segment = jnp.concatenate([jnp.zeros(1, segment_ids.dtype), segment_ids[:-1]])
+    opens_rejected = rejected & ~(previous_rejected & (previous_segment == segment_ids))
+    # Each token moves right by the copies inserted up to it: a pair's prompt in front of its rejected branch.
+    destination = index + jnp.cumsum(jnp.where(opens_rejected, prompt_length[segment_ids], 0))
+    rejected_start = jax.ops.segment_max(jnp.where(opens_rejected, destination, -1), segment_ids, num_segments)
+    copy_slot = rejected_start[segment_ids] - prompt_length[segment_ids] + index - prompt_start[segment_ids]
+    # A prompt whose pair has no rejected branch in the row has no copy (its slots fall outside).
+    copy_slot = jnp.where(prompt & (rejected_start[segment_ids] >= 0), copy_slot, 2 * length)
+    expanded = jnp.where(real, 2 * segment_ids + rejected, 0)
+    source = jnp.zeros(2 * length, jnp.int32).at[destination].set(index).at[copy_slot].set(index, mode="drop")
+    kernel_segment_ids = (jnp.zeros(2 * length, jnp.int32).at[destination].set(expanded)
+                          .at[copy_slot].set(2 * segment_ids + 1, mode="drop"))
+    return source, kernel_segment_ids, destination
 
 
 def _dense(query, key, value, segment_ids):

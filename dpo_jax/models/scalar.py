@@ -16,7 +16,8 @@ from dpo_jax.models.transformer import Decoder, DecoderConfig, Dense
 
 
 class ScalarModel(nnx.Module):
-    """`model(input_ids, positions=None, segment_ids=None, mask=None) -> [batch, time]` float32 scores."""
+    """`model(input_ids, positions=None, segment_ids=None, *, branch_ids=None, mask=None) -> [batch, time]`
+    float32 scores (arguments as `transformer.Decoder.__call__`)."""
 
     def __init__(self, config: DecoderConfig, *, rngs: nnx.Rngs):
         self.decoder = Decoder(config, rngs=rngs)
@@ -24,8 +25,8 @@ class ScalarModel(nnx.Module):
         self.head = Dense(config.embed_dim, 1, ("embed", None), use_bias=True, config=config, rngs=rngs,
                           stddev=1.0 / math.sqrt(config.embed_dim + 1))
 
-    def __call__(self, input_ids, positions=None, segment_ids=None, *, mask=None):
-        hidden = self.decoder.features(input_ids, positions, segment_ids, mask=mask)
+    def __call__(self, input_ids, positions=None, segment_ids=None, *, branch_ids=None, mask=None):
+        hidden = self.decoder.features(input_ids, positions, segment_ids, branch_ids=branch_ids, mask=mask)
         return self.head(hidden)[..., 0].astype(jnp.float32)
 
 
@@ -43,9 +44,10 @@ def init_scalar_params(config: DecoderConfig, decoder_params, *, seed, shardings
     return {"decoder": decoder_params, "head": head}
 
 
-def apply_scalar(graphdef, params, input_ids, positions=None, segment_ids=None, *, mask=None):
+def apply_scalar(graphdef, params, input_ids, positions=None, segment_ids=None, *, branch_ids=None, mask=None):
     """Scores [batch, time] float32 of the scalar model `graphdef` with `params`; a pure function."""
-    return nnx.merge(graphdef, params)(input_ids, positions=positions, segment_ids=segment_ids, mask=mask)
+    return nnx.merge(graphdef, params)(input_ids, positions=positions, segment_ids=segment_ids,
+                                       branch_ids=branch_ids, mask=mask)
 
 
 def last_token_scores(scores, sequence_ids, num_sequences):
