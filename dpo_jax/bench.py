@@ -54,7 +54,7 @@ import optax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from dpo_jax import losses, models, planning, reference, sharding, stages, steps
+from dpo_jax import device_check, losses, models, planning, reference, sharding, stages, steps
 from dpo_jax.configs import bench_config, validation
 from dpo_jax.data import loader, task, tokenize
 from dpo_jax.metrics import METRICS_LAG
@@ -519,7 +519,7 @@ def _peak_rss():
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _peak_memory():
+def peak_memory():
     """(peak bytes, source): the device allocator's peak where it reports one, else the process's peak RSS."""
     stats = jax.devices()[0].memory_stats()
     if stats and "peak_bytes_in_use" in stats:
@@ -527,7 +527,7 @@ def _peak_memory():
     return _peak_rss(), "process_rss"
 
 
-def _ensure_tokenizer(config, workdir):
+def ensure_tokenizer(config, workdir):
     """Real data without `data.tokenizer`: a byte-level BPE of model.vocab_size trained on the first
     dataset's split (prompt + chosen and prompt + rejected texts), cached in the workdir."""
     data_config = config.data
@@ -554,7 +554,7 @@ def _resolve(config, workdir):
     config.model.attention_block_size = block_size
     if not config.data.data_dir and tuple(config.data.name) != ("synthetic",):
         config.data.data_dir = os.path.join(workdir, "tensorflow_datasets")
-    _ensure_tokenizer(config, workdir)
+    ensure_tokenizer(config, workdir)
     validation.validate(config)
 
 
@@ -745,7 +745,7 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
         phases = phase_seconds(bench.stage, bench.model, bench.decoder_config, bench.state, bench.fetch(0)[1],
                                options.phase_repeats)
     phases["input_wait"] = waited / num_steps
-    peak_memory, peak_memory_source = _peak_memory()
+    peak_memory_bytes, peak_memory_source = peak_memory()
     result = {
         "mode": "step", "backend": jax.default_backend(), "devices": bench.mesh.size, "dtype": config.model.dtype,
         "layout": config.data.layout, "reference": config.dpo.reference, "steps": num_steps,
@@ -761,7 +761,7 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
         "mfu": totals["model_flops"] / seconds / peak_flops,
         "compile_sec": bench.compile_sec, "compiles": len(bench.compiled),
         "precompute_reference_sec": bench.precompute_sec,
-        "peak_memory_bytes": peak_memory, "peak_memory_source": peak_memory_source,
+        "peak_memory_bytes": peak_memory_bytes, "peak_memory_source": peak_memory_source,
         "state_bytes": sharding.bytes_per_device(bench.state),
         "reference_bytes": sharding.bytes_per_device(bench.state.ref_params) if live else 0,
         "step_temp_bytes": first.memory_analysis().temp_size_in_bytes,
@@ -773,7 +773,7 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
     print(f"{result['pairs_per_sec']:.2f} pairs/s, {result['tokens_per_sec']:,.0f} real tokens/s "
           f"({result['padded_tokens_per_sec']:,.0f} padded), {result['model_flops_per_step'] / 1e9:.1f} GFLOP/step, "
           f"MFU {result['mfu']:.1%}, compile {bench.compile_sec:.1f} s ({len(bench.compiled)}), "
-          f"peak memory {peak_memory / 2**20:,.0f} MiB ({peak_memory_source})")
+          f"peak memory {peak_memory_bytes / 2**20:,.0f} MiB ({peak_memory_source})")
     print("per step: " + ", ".join(f"{name} {value * 1e3:.1f} ms" for name, value in phases.items()
                                    if name != "policy_attention")
           + f" (of which attention {phases['policy_attention'] * 1e3:.1f} ms); fused step "
@@ -970,9 +970,9 @@ def main(argv):
         print(json.dumps(trl_worker(_TRL_WORKER.value)))
         return
     if _MODE.value == "device_check":  # builds its own configs; exit code 1 when a check failed
-        from dpo_jax import device_check  # pylint: disable=import-outside-toplevel
         result = device_check.run(device_check.Options(
-            workdir=_DEVICE_CHECK_WORKDIR.value, data=_DEVICE_CHECK_DATA.value, size=_DEVICE_CHECK_SIZE.value))
+            workdir=_DEVICE_CHECK_WORKDIR.value, data=_DEVICE_CHECK_DATA.value, size=_DEVICE_CHECK_SIZE.value),
+            sys.modules[__name__])
         print(json.dumps(result))
         return 0 if result["ok"] else 1
     config = _CONFIG.value

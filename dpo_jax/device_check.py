@@ -24,7 +24,6 @@ import dataclasses
 import functools
 import math
 import os
-import sys
 import tempfile
 import time
 import traceback
@@ -364,16 +363,6 @@ def benchmark_config(size, hh_dir, workdir):
     return config
 
 
-def _bench_module():
-    """dpo_jax.bench. When it is the program (`python -m dpo_jax.bench --mode=device_check`) it is the module
-    `__main__`, and importing `dpo_jax.bench` would load it a second time and define its flags twice."""
-    main = sys.modules.get("__main__")
-    if getattr(getattr(main, "__spec__", None), "name", None) == "dpo_jax.bench":
-        return main
-    from dpo_jax import bench  # pylint: disable=import-outside-toplevel
-    return bench
-
-
 def training_run(config, workdir):
     """`train.run` of `config` in `workdir`: each stage's final eval metrics and seconds."""
     started = time.perf_counter()
@@ -393,10 +382,10 @@ def training_run(config, workdir):
     return result
 
 
-def benchmark(config):
+def benchmark(config, bench):
     """`bench.step_benchmark` of `config`: its throughput, MFU and memory figures."""
     started = time.perf_counter()
-    result = _bench_module().step_benchmark(config, "none")
+    result = bench.step_benchmark(config, "none")
     kept = ("pairs_per_sec", "tokens_per_sec", "padded_tokens_per_sec", "step_sec", "mfu", "peak_flops",
             "peak_flops_source", "model_flops_per_step", "compile_sec", "peak_memory_bytes", "peak_memory_source",
             "dtype", "devices", "steps", "pairs_per_step")
@@ -411,8 +400,12 @@ def benchmark(config):
 # The check
 # ---------------------------------------------------------------------------------------------
 
-def run(options):
-    """The device check (the module docstring); returns its summary (plain JSON types, no NaN)."""
+def run(options, bench):
+    """The device check (the module docstring); returns its summary (plain JSON types, no NaN).
+
+    bench: the `dpo_jax.bench` module, its caller (`bench --mode=device_check`), whose step benchmark,
+    tokenizer training and peak memory the check uses; passed in, because `bench` imports this module.
+    """
     if options.size not in SIZES:
         raise ValueError(f"--device_check_size={options.size!r}: one of {sorted(SIZES)}")
     hh_dir = hh_manual_dir(options.data)
@@ -421,12 +414,12 @@ def run(options):
             raise ValueError(f"--device_check_workdir={options.workdir} holds a previous check's run/: give a new "
                              "directory")
         os.makedirs(options.workdir, exist_ok=True)
-        return _check(SIZES[options.size], options, hh_dir, os.path.abspath(options.workdir))
+        return _check(SIZES[options.size], options, hh_dir, os.path.abspath(options.workdir), bench)
     with tempfile.TemporaryDirectory(prefix="dpo_jax_device_check_") as workdir:
-        return _check(SIZES[options.size], options, hh_dir, workdir)
+        return _check(SIZES[options.size], options, hh_dir, workdir, bench)
 
 
-def _check(size, options, hh_dir, workdir):
+def _check(size, options, hh_dir, workdir, bench):
     started = time.perf_counter()
     device = jax.devices()[0]
     summary = {"mode": "device_check", "ok": False, "backend": jax.default_backend(),
@@ -441,12 +434,12 @@ def _check(size, options, hh_dir, workdir):
     def run_part():
         config = run_config(size, hh_dir, workdir)
         # A byte-level BPE trained on the split, as the benchmark trains its own.
-        _bench_module()._ensure_tokenizer(config, workdir)  # pylint: disable=protected-access
+        bench.ensure_tokenizer(config, workdir)
         return training_run(config, os.path.join(workdir, "run"))
 
     summary["run"] = _part("run", run_part)
-    summary["bench"] = _part("bench", lambda: benchmark(benchmark_config(size, hh_dir, workdir)))
-    peak_memory, peak_memory_source = _bench_module()._peak_memory()  # pylint: disable=protected-access
+    summary["bench"] = _part("bench", lambda: benchmark(benchmark_config(size, hh_dir, workdir), bench))
+    peak_memory, peak_memory_source = bench.peak_memory()
     summary.update(peak_memory_bytes=peak_memory, peak_memory_source=peak_memory_source)
     summary["failures"] = failures(summary)
     summary["ok"] = not summary["failures"]

@@ -12,6 +12,7 @@ import pytest
 from conftest import REPO, _excerpt
 from test_kernels import TOLERANCES as TEST_KERNELS_TOLERANCES
 
+from dpo_jax import bench as bench_module
 from dpo_jax import device_check
 from dpo_jax.models import kernels
 
@@ -77,7 +78,7 @@ def test_the_whole_check_passes_on_cpu(checked):
 def test_a_second_check_in_the_same_workdir_is_refused(checked):
     _, workdir = checked
     with pytest.raises(ValueError, match="previous check"):
-        device_check.run(device_check.Options(workdir=str(workdir), size="tiny"))
+        device_check.run(device_check.Options(workdir=str(workdir), size="tiny"), bench_module)
 
 
 def test_the_launch_script_prints_its_usage():
@@ -135,7 +136,7 @@ def test_the_kernel_tests_hold_the_same_tolerances():
 
 def test_data_that_is_not_there_is_refused_before_anything_runs(tmp_path):
     with pytest.raises(ValueError, match="no harmless-base/test.jsonl.gz"):
-        device_check.run(device_check.Options(data=str(tmp_path), size="tiny"))
+        device_check.run(device_check.Options(data=str(tmp_path), size="tiny"), bench_module)
     with pytest.raises(ValueError, match="one of"):
-        device_check.run(device_check.Options(size="huge"))
+        device_check.run(device_check.Options(size="huge"), bench_module)
     assert device_check.hh_manual_dir("synthetic") is None
