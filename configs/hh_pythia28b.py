@@ -12,6 +12,15 @@ P(a is better) per line), or `scorer:<scorer spec>`. Download Pythia 2.8B (safet
 
 `runlocal` trains on the harmless-base file at ../shared/data/hh-rlhf (its `test` split) with a
 tiny model; VADER judges (only to exercise the pipeline).
+
+`method=online_dpo` or `method=grpo` replaces DPO by an online stage that samples from the policy:
+SFT, a reward model on the HH pairs, then the online stage against it (docs/rlhf.md, "Which
+method, when"). Their `runlocal` form scores the samples with VADER instead of a reward model:
+
+  python -m dpo_jax.main --config=configs/hh_pythia28b.py:model_dir=/models/pythia-2.8b,method=grpo \
+      --workdir=gs://bucket/hh_grpo --config.mesh.fsdp=8
+  python -m dpo_jax.main --config=configs/hh_pythia28b.py:runlocal,method=online_dpo --workdir=/tmp/hh_online \
+      --config.data.tokenizer=TOKENIZER_DIR
 """
 
 import os
@@ -23,8 +32,11 @@ _SHARED_HH = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file
 
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, model_dir="")
-    config = paper.paper_config("pythia-2.8b", stages=("sft", "dpo"))
+    arg = parse_arg(arg, runlocal=False, model_dir="", method="dpo")
+    if arg.method not in ("dpo", "online_dpo", "grpo"):
+        raise ValueError(f"Unknown method {arg.method!r}; known: dpo, online_dpo, grpo")
+    online = arg.method != "dpo"
+    config = paper.paper_config("pythia-2.8b", stages=("sft", "reward", arg.method) if online else ("sft", "dpo"))
     config.model.init_from_hf = arg.model_dir
     config.data.name = tuple(f"hh_rlhf/{subset}" for subset in ("helpful-base", "harmless-base", "helpful-online",
                                                                   "helpful-rejection-sampled"))
@@ -33,6 +45,11 @@ def get_config(arg=None):
     config.sft.num_steps = 2000
     config.dpo.num_steps = 2500
     config.dpo.beta = 0.1
+    config.reward.num_steps = 2000
+    # Responses of up to 128 tokens to 64 prompts per iteration: 2 per prompt for online DPO's pair, a
+    # group of 8 for GRPO, whose 512 responses make 4 updates.
+    config.online_dpo.update(num_steps=1000, max_new_tokens=128, num_generations=2, beta=0.1)
+    config.grpo.update(num_steps=1000, max_new_tokens=128, num_generations=8, num_minibatches=4)
     config.mesh.fsdp = -1
     config.mesh.data = 1
     config.evaluation.update(judge="", temperatures=(0.25, 0.5, 0.75, 1.0), samples_per_prompt=1, num_prompts=256,
@@ -44,4 +61,8 @@ def get_config(arg=None):
         config.data.manual_dir = _SHARED_HH if os.path.isdir(_SHARED_HH) else ""
         config.data.train_split = config.data.eval_split = "test"  # the split on disk
         config.evaluation.update(judge="scorer:vader", temperatures=(1.0,))
+        if online:  # VADER scores the samples: no reward model to train
+            config.stages = ("sft", arg.method)
+            config[arg.method].update(reward="vader", max_new_tokens=8)
+            config.grpo.update(num_generations=4, num_minibatches=2)
     return config

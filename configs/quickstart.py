@@ -7,15 +7,30 @@ mood. Finishes in a few minutes on 2 CPU cores.
 
   python -m dpo_jax.main --config=configs/quickstart.py --workdir=/tmp/dpo_quickstart
   python -m dpo_jax.main --config=configs/quickstart.py:runlocal --workdir=/tmp/dpo_tiny   # seconds
+  python -m dpo_jax.main --config=configs/quickstart.py:method=grpo --workdir=/tmp/grpo_quickstart
+
+`method` picks the preference stage after SFT: dpo (offline, on the task's pairs), or one of the
+online stages, which sample from the policy and learn from a reward model trained first on the
+pairs: online_dpo, grpo or ppo (stages sft, reward, <method>).
   python -m dpo_jax.bench --mode=state_memory --config=configs/quickstart.py:model=pythia-2.8b
 """
 
 from dpo_jax.configs import base_config, model_config, parse_arg
 
+METHODS = ("dpo", "online_dpo", "grpo", "ppo")
+
 
 def get_config(arg=None):
-    arg = parse_arg(arg, runlocal=False, model="")
+    arg = parse_arg(arg, runlocal=False, model="", method="dpo")
     config = base_config()
+    if arg.method not in METHODS:
+        raise ValueError(f"Unknown method {arg.method!r}; known: {', '.join(METHODS)}")
+    if arg.method != "dpo":
+        config.stages = ("sft", "reward", arg.method)
+        config.reward.num_steps = 100
+        # The tiny model from scratch moves at rates far above a pretrained model's defaults.
+        config.online_dpo.learning_rate = 1e-4
+        config.grpo.learning_rate = 5e-5
     if arg.model:  # a preset of dpo_jax/configs/presets.py, e.g. `:model=gpt2` to plan memory with bench
         config.model = model_config(arg.model)
     if arg.runlocal:
@@ -34,4 +49,10 @@ def get_config(arg=None):
         config.eval.every_steps = 3
         config.eval.batch_size = 16
         config.checkpoint.every_steps = 3
+        config.reward.num_steps = 6
+        for method in METHODS[1:]:
+            config[method].update(num_steps=6, max_new_tokens=8)
+        config.online_dpo.learning_rate = config.grpo.learning_rate = 1e-3
+        config.grpo.num_generations = 4
+        config.ppo.num_minibatches = 2
     return config

@@ -226,10 +226,26 @@ class StageCheckpoints:
             self._manager.restore(step, args=_restore_args(abstract_state)), abstract_state))
 
     def restore_params(self, abstract_params):
-        """Only the `params` of the newest saved train state that restores."""
-        abstract = {"params": abstract_params}
-        return self._restore_newest_good(lambda step: _check_complete(self._manager.restore(
-            step, args=_restore_args(abstract, partial=True)), abstract))["params"]
+        """Only the `params` of the newest saved train state that restores. A stage whose params hold
+        several models under names (PPO's {"policy", "value"}, the online stages' {"policy"}) gives
+        its policy, when `abstract_params` is one model."""
+        def restore_one(step):  # the tree as saved (its checksums name its paths)
+            named = self._holds_named_policy(step, abstract_params)
+            abstract = {"params": {"policy": abstract_params} if named else abstract_params}
+            return _check_complete(self._manager.restore(step, args=_restore_args(abstract, partial=True)), abstract)
+
+        params = self._restore_newest_good(restore_one)["params"]
+        return params["policy"] if self._holds_named_policy(self.restored_step, abstract_params) else params
+
+    def _holds_named_policy(self, step, abstract_params):
+        """Whether `step` saved params {"policy": ..., ...} while `abstract_params` is not so named."""
+        if isinstance(abstract_params, dict) and "policy" in abstract_params:
+            return False
+        try:
+            saved = self._manager.item_metadata(step)["params"]
+        except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself says what is wrong
+            return False
+        return isinstance(saved, dict) and "policy" in saved
 
     def close(self):
         self._manager.close()

@@ -13,21 +13,16 @@ State (a `steps.TrainState`): params = {"policy": decoder params, "value": scala
 ref_params = {"reference": frozen decoder params (the starting policy), "reward": frozen
 scalar-model params, or None with a host scorer}; stage_state = {"kl_coef": float32 scalar}.
 
-Layout: a rollout row is the prompt, left-aligned, then the response, [batch, prompt width +
-max_new_tokens]; per-token quantities live in the frame of the shifted logits [batch, row - 1],
-where index t is the prediction of token t + 1 (the action) from tokens <= t (the state), and
-`response_mask` marks the response tokens' predictions.
+The rollout (sampling, scoring, the rows' layout) and the epochs of minibatch updates are
+`dpo_jax.rollout`'s, shared with online DPO and GRPO.
 """
 
 import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from dpo_jax import losses, models, steps
-from dpo_jax.models import sampling
-from dpo_jax.models.scalar import last_token_scores
+from dpo_jax import losses, models, rollout, steps
 
 # Variance floor of `whiten`, as TRL's masked_whiten.
 _WHITEN_EPSILON = 1e-8
@@ -138,97 +133,13 @@ def update_kl_coef(kl_coef, observed_kl, num_sequences, target, horizon):
 
 
 # ---------------------------------------------------------------------------------------------
-# Rollouts
+# Rollouts (sampling and scoring: dpo_jax.rollout)
 # ---------------------------------------------------------------------------------------------
-
-def rollout_rows(prompt_ids, prompt_lengths, response_tokens, response_lengths):
-    """Model rows [b, P + N] of right-padded prompts [b, P] followed by sampled responses [b, N].
-
-    The prompt is left-aligned (as the sampler does), so every response starts at column P and the
-    rows hold prompt and response contiguously. Returns `input_ids`, `positions` (running count of
-    real tokens - 1), `segment_ids` (1 real token, 0 padding: the models' convention) [b, P + N], and
-    `response_mask` [b, P + N - 1] float32 aligned with the shifted logits: 1 at t when token t + 1
-    is a response token (the EOS included).
-    """
-    batch, prompt_width = prompt_ids.shape
-    num_new = response_tokens.shape[1]
-    shift = prompt_width - prompt_lengths
-    left_aligned = jax.vmap(jnp.roll)(prompt_ids, shift)
-    prompt_real = jnp.arange(prompt_width)[None, :] >= shift[:, None]
-    response_real = jnp.arange(num_new)[None, :] < response_lengths[:, None]
-    segment_ids = jnp.concatenate([prompt_real, response_real], axis=1).astype(jnp.int32)
-    return {
-        "input_ids": jnp.concatenate([left_aligned, response_tokens], axis=1).astype(jnp.int32),
-        "positions": jnp.maximum(jnp.cumsum(segment_ids, axis=1) - 1, 0).astype(jnp.int32),
-        "segment_ids": segment_ids,
-        "response_mask": jnp.concatenate([jnp.zeros((batch, prompt_width - 1), bool), response_real],
-                                         axis=1).astype(jnp.float32),
-    }
-
-
-def _token_logps(graphdef, params, rows, temperature):
-    """log pi(token t + 1 | tokens <= t) [b, T - 1] of the sampling distribution (logits / temperature,
-    as TRL, so that the ratios and the KL are those of the policy the rollout came from)."""
-    logits = models.apply(graphdef, params, rows["input_ids"], rows["positions"], rows["segment_ids"])
-    return losses.token_logps(logits[:, :-1].astype(jnp.float32) / temperature, rows["input_ids"][:, 1:])
-
 
 def _values(value_graphdef, params, rows):
     """V(tokens <= t) [b, T - 1]: the value of the state from which token t + 1 is sampled."""
     values = models.apply_scalar(value_graphdef, params, rows["input_ids"], rows["positions"], rows["segment_ids"])
     return values[:, :-1]
-
-
-def _host_scores(host_reward_fn, prompt_ids, prompt_lengths, response_tokens, response_lengths):
-    """`host_reward_fn` on the host (numpy in, [b] float32 out), called from inside the jitted step."""
-    def call(*arrays):
-        scores = host_reward_fn(*(np.asarray(array) for array in arrays))
-        return np.asarray(scores, np.float32).reshape(prompt_ids.shape[0])
-
-    # "sequential": under an outer vmap, each call still sees one whole batch, as documented.
-    return jax.pure_callback(call, jax.ShapeDtypeStruct((prompt_ids.shape[0],), jnp.float32), prompt_ids,
-                             prompt_lengths, response_tokens, response_lengths, vmap_method="sequential")
-
-
-def _rollout(params, ref_params, batch, sample_key, *, graphdef, value_graphdef, ppo_config, eos_ids, pad_id,
-             host_reward_fn):
-    """Samples a response per prompt and scores it, all without gradients: a dict of [b, ...] arrays
-    (the rows, `logps`, `ref_logps`, `scores`, `response_lengths`)."""
-    if ppo_config.temperature <= 0:
-        raise ValueError(f"ppo.temperature must be > 0 (PPO needs a stochastic policy), got {ppo_config.temperature}")
-    params, ref_params = jax.lax.stop_gradient((params, ref_params))
-    prompt_ids, prompt_lengths = batch["prompt_ids"], batch["prompt_lengths"]
-    num_prompts = prompt_ids.shape[0]
-    generation = sampling.generate_traced(
-        graphdef, params["policy"], prompt_ids, prompt_lengths, jax.random.split(sample_key, num_prompts),
-        max_new_tokens=ppo_config.max_new_tokens, temperature=float(ppo_config.temperature), top_k=0, top_p=1.0,
-        eos_ids=tuple(int(i) for i in eos_ids), pad_id=int(pad_id), use_lora=True)
-    rows = rollout_rows(prompt_ids, prompt_lengths, generation.tokens, generation.lengths)
-    if ref_params.get("reward") is not None:
-        row_scores = models.apply_scalar(value_graphdef, ref_params["reward"], rows["input_ids"], rows["positions"],
-                                         rows["segment_ids"])
-        scores = last_token_scores(row_scores, jnp.where(rows["segment_ids"] > 0, 0, -1), 1)[:, 0]
-    elif host_reward_fn is not None:
-        scores = _host_scores(host_reward_fn, prompt_ids, prompt_lengths, generation.tokens, generation.lengths)
-    else:
-        raise ValueError('PPO needs a reward: ref_params["reward"] (a reward model) or host_reward_fn')
-    # The policy's own forward pass, not the sampler's log-probs: the update's first ratios are then
-    # exactly 1 (the KV-cached decode may differ from a full forward pass in the last bits).
-    return {**rows, "scores": scores, "response_lengths": generation.lengths,
-            "logps": _token_logps(graphdef, params["policy"], rows, ppo_config.temperature),
-            "ref_logps": _token_logps(graphdef, ref_params["reference"], rows, ppo_config.temperature)}
-
-
-def _rollout_metrics(rollout):
-    """TRL's `objective/*` metrics of a rollout (sequence sums, averaged over sequences)."""
-    mask = rollout["response_mask"]
-    return {
-        "objective/kl": jnp.mean(jnp.sum((rollout["logps"] - rollout["ref_logps"]) * mask, axis=1)),
-        # -log pi of the samples: a one-sample estimate of each response's entropy, as TRL logs it.
-        "objective/entropy": jnp.mean(-jnp.sum(rollout["logps"] * mask, axis=1)),
-        "objective/scores": jnp.mean(rollout["scores"]),
-        "response_length": jnp.mean(rollout["response_lengths"].astype(jnp.float32)),
-    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -240,7 +151,7 @@ def _minibatch_loss(params, ref_params, minibatch, rng, *, graphdef, value_graph
     loss convention: (loss, (metrics, weight)), means over the `weight` response tokens."""
     del ref_params, rng
     mask = minibatch["response_mask"]
-    new_logps = _token_logps(graphdef, params["policy"], minibatch, ppo_config.temperature)
+    new_logps = rollout.token_logps(graphdef, params["policy"], minibatch, ppo_config.temperature)
     new_values = _values(value_graphdef, params["value"], minibatch)
     pg_loss, pg_clipfrac, approxkl = policy_loss(new_logps, minibatch["logps"], minibatch["advantages"], mask,
                                                  ppo_config.clip_range)
@@ -260,25 +171,20 @@ def ppo_step(state, batch, *, graphdef, value_graphdef, optimizer, schedule, ppo
       given, is a scalar model of the value model's architecture).
     optimizer, schedule: one optax transformation over params {"policy", "value"}; the schedule
       counts optimizer updates, num_epochs * num_minibatches per iteration (build both with
-      `steps.make_optimizer(train_config, optimizer_schedule_config(ppo_config))`).
+      `steps.make_optimizer(train_config, rollout.updates_schedule_config(ppo_config))`).
     ppo_config: `config.ppo`. eos_ids: ids that end a response; pad_id: fills it after the end.
     host_reward_fn: (prompt_ids, prompt_lengths, response_tokens, response_lengths) numpy -> [B]
       scores, used when ref_params has no "reward" model; it must be deterministic.
     micro_batches, trainable: as `steps.train_step` (gradient accumulation; LoRA's trainable mask
       shaped like {"policy", "value"}).
     """
-    num_prompts = batch["prompt_ids"].shape[0]
-    num_minibatches, num_epochs = ppo_config.num_minibatches, ppo_config.num_epochs
-    if num_prompts % num_minibatches:
-        raise ValueError(f"The batch of {num_prompts} prompts is not divisible by "
-                         f"ppo.num_minibatches={num_minibatches}")
-    rng, sample_key, shuffle_key, update_key = jax.random.split(state.rng, 4)
+    rng, sample_key, update_key = jax.random.split(state.rng, 3)
     kl_coef = state.stage_state["kl_coef"]
 
     # ------------------------------------------------------------------ rollout and advantages
-    experience = _rollout(state.params, state.ref_params, batch, sample_key, graphdef=graphdef,
-                          value_graphdef=value_graphdef, ppo_config=ppo_config, eos_ids=eos_ids, pad_id=pad_id,
-                          host_reward_fn=host_reward_fn)
+    experience = rollout.rollout(state.params, state.ref_params, batch, sample_key, graphdef=graphdef,
+                                 value_graphdef=value_graphdef, block=ppo_config, eos_ids=eos_ids, pad_id=pad_id,
+                                 host_reward_fn=host_reward_fn)
     mask = experience["response_mask"]
     experience["values"] = _values(value_graphdef, jax.lax.stop_gradient(state.params["value"]), experience)
     rewards = kl_penalised_rewards(experience["scores"], experience["logps"], experience["ref_logps"], mask, kl_coef)
@@ -288,55 +194,23 @@ def ppo_step(state, batch, *, graphdef, value_graphdef, optimizer, schedule, ppo
     experience["advantages"] = whiten(advantages, mask)
 
     # ------------------------------------------------------------------ epochs of minibatch updates
-    updates_per_iteration = num_epochs * num_minibatches
-    # Each epoch visits every rollout once, in a fresh random order.
-    orders = jax.vmap(lambda key: jax.random.permutation(key, num_prompts))(jax.random.split(shuffle_key, num_epochs))
-    minibatch_indices = orders.reshape(updates_per_iteration, num_prompts // num_minibatches)
     loss_fn = functools.partial(_minibatch_loss, graphdef=graphdef, value_graphdef=value_graphdef,
                                 ppo_config=ppo_config)
-    update = functools.partial(steps.train_step, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
-                               micro_batches=micro_batches, trainable=trainable)
-
-    def one_update(update_state, indices):
-        return update(update_state, jax.tree.map(lambda x: x[indices], experience))
-
-    # train_step's state, with its step counting optimizer updates so that `schedule` reads them.
-    update_state = steps.TrainState(step=state.step * updates_per_iteration, params=state.params,
-                                    opt_state=state.opt_state, rng=update_key)
-    update_state, update_metrics = jax.lax.scan(one_update, update_state, minibatch_indices)
+    params, opt_state, update_metrics = rollout.minibatch_updates(
+        state, experience, update_key, loss_fn=loss_fn, optimizer=optimizer, schedule=schedule,
+        num_epochs=ppo_config.num_epochs, num_minibatches=ppo_config.num_minibatches, micro_batches=micro_batches,
+        trainable=trainable)
 
     # ------------------------------------------------------------------ KL controller and metrics
-    metrics = _rollout_metrics(experience)
     # The KL part of the per-token rewards, summed per sequence (before any whitening).
-    non_score_reward = -kl_coef * metrics["objective/kl"]
+    metrics = {**rollout.rollout_metrics(experience, kl_coef), **rollout.summarise_updates(update_metrics),
+               "kl_coef": kl_coef}
     new_kl_coef = kl_coef
     if ppo_config.adaptive_kl:
-        new_kl_coef = update_kl_coef(kl_coef, metrics["objective/kl"], num_prompts, ppo_config.target_kl,
-                                     ppo_config.kl_horizon)
-    metrics.update({name: jnp.mean(values) for name, values in update_metrics.items()
-                    if name not in ("loss", "nonfinite")})
-    metrics.update({
-        "objective/non_score_reward": non_score_reward,
-        "objective/rlhf_reward": non_score_reward + metrics["objective/scores"],
-        "kl_coef": kl_coef,
-        "loss": update_metrics["loss"][-1],
-        "nonfinite": jnp.max(update_metrics["nonfinite"]),
-    })
-    return state.replace(step=state.step + 1, params=update_state.params, opt_state=update_state.opt_state,
-                         rng=rng, stage_state={**state.stage_state, "kl_coef": new_kl_coef}), metrics
-
-
-def ppo_eval_step(params, ref_params, batch, *, graphdef, value_graphdef, ppo_config, eos_ids, pad_id,
-                  host_reward_fn=None, seed=0):
-    """Held-out metrics of the policy: samples a response to each prompt with a fixed key (`seed`),
-    so that evaluations at different steps see the same sampling noise. Returns `objective/scores`,
-    `objective/kl`, `objective/entropy`, `response_length` (means over the prompts) and
-    `loss` = -mean score, the number a lower-is-better checkpoint rule reads."""
-    rollout = _rollout(params, ref_params, batch, jax.random.PRNGKey(seed), graphdef=graphdef,
-                       value_graphdef=value_graphdef, ppo_config=ppo_config, eos_ids=eos_ids, pad_id=pad_id,
-                       host_reward_fn=host_reward_fn)
-    metrics = _rollout_metrics(rollout)
-    return {**metrics, "loss": -metrics["objective/scores"]}
+        new_kl_coef = update_kl_coef(kl_coef, metrics["objective/kl"], batch["prompt_ids"].shape[0],
+                                     ppo_config.target_kl, ppo_config.kl_horizon)
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state, rng=rng,
+                         stage_state={**state.stage_state, "kl_coef": new_kl_coef}), metrics
 
 
 def init_ppo_state(policy_params, value_params, reward_params, optimizer, *, seed, kl_coef):
@@ -347,20 +221,8 @@ def init_ppo_state(policy_params, value_params, reward_params, optimizer, *, see
     of its leaves (the reference and the policy; a value model started from the reward model or the
     policy) cannot be donated twice.
     """
-    copy = lambda tree: jax.tree.map(lambda x: jnp.array(x, copy=True), tree)
-    params = {"policy": policy_params, "value": copy(value_params)}
-    ref_params = {"reference": copy(policy_params), "reward": copy(reward_params)}
+    params = {"policy": policy_params, "value": rollout.copy_tree(value_params)}
+    ref_params = {"reference": rollout.copy_tree(policy_params), "reward": rollout.copy_tree(reward_params)}
     return steps.TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
                             rng=jax.random.PRNGKey(seed), ref_params=ref_params,
                             stage_state={"kl_coef": jnp.asarray(kl_coef, jnp.float32)})
-
-
-def optimizer_schedule_config(ppo_config):
-    """`config.ppo` with `num_steps` and `warmup_steps` counted in optimizer updates, for
-    `steps.make_optimizer`: each PPO iteration makes num_epochs * num_minibatches updates, and optax
-    schedules count updates, so a decaying schedule built on iterations would end too early."""
-    updates_per_iteration = ppo_config.num_epochs * ppo_config.num_minibatches
-    schedule_config = ppo_config.copy_and_resolve_references()
-    schedule_config.num_steps = ppo_config.num_steps * updates_per_iteration
-    schedule_config.warmup_steps = ppo_config.warmup_steps * updates_per_iteration
-    return schedule_config

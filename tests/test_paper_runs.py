@@ -11,7 +11,7 @@ import math
 import os
 
 import pytest
-from conftest import SHARED_DATA, run_config, run_python
+from conftest import SHARED_DATA, run_config, run_python, workdir_records
 
 from dpo_jax.data import tokenize
 
@@ -123,15 +123,22 @@ def test_tldr_runlocal_reports_win_rates_at_each_temperature(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(HH_DIR), reason="needs the HH file of ../shared/data/hh-rlhf")
-def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path):
+@pytest.mark.parametrize("method", ["dpo", "grpo"])
+def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path, method):
+    """method=grpo: samples of HH prompts decoded to text and scored by VADER on the host."""
     import gzip  # pylint: disable=import-outside-toplevel
     with gzip.open(os.path.join(HH_DIR, "harmless-base", "test.jsonl.gz"), "rt", encoding="utf-8") as f:
         texts = [json.loads(line)["chosen"] for _, line in zip(range(500), f)]
     tokenizer_dir = _train_tokenizer(texts, str(tmp_path / "tokenizer"))
     workdir = str(tmp_path / "run")
-    run_python(["-m", "dpo_jax.main", "--config=configs/hh_pythia28b.py:runlocal", f"--workdir={workdir}",
-                f"--config.data.tokenizer={tokenizer_dir}", f"--config.data.data_dir={tmp_path / 'tfds'}"])
+    run_python(["-m", "dpo_jax.main", f"--config=configs/hh_pythia28b.py:runlocal,method={method}",
+                f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer_dir}",
+                f"--config.data.data_dir={tmp_path / 'tfds'}"])
     _assert_win_rates(workdir, ["1.0"])
+    if method == "grpo":
+        train = [r for r in workdir_records(workdir) if r["stage"] == "grpo" and r["split"] == "train"]
+        assert [r["step"] for r in train] == [2, 4]
+        assert all(-1.0 <= r["objective/scores"] <= 1.0 for r in train)  # VADER's compound score
 
 
 @pytest.mark.parametrize("config_file", ["imdb_gpt2_large", "tldr_gptj", "hh_pythia28b", "sentiment_frontier"])

@@ -36,7 +36,8 @@ def _imports(path):
 
 def test_every_stage_has_its_block_in_the_schema_with_the_shared_keys():
     config = base_config()
-    assert set(stages.STAGES) == {"pretrain", "sft", "reward", "unlikelihood", "dpo", "kto", "ppo"}
+    assert set(stages.STAGES) == {"pretrain", "sft", "reward", "unlikelihood", "dpo", "kto", "ppo", "online_dpo",
+                                  "grpo"}
     for name, stage in stages.STAGES.items():
         assert stage.name == name
         block = stage.config_block()

@@ -23,6 +23,8 @@ from dpo_jax.stages.base import check_optimizer_block
 # "auto", `models.compute_dtype`).
 DTYPES = ("float32", "bfloat16", "float16")
 ATTENTION_KERNELS = ("auto",) + kernels.IMPLEMENTATIONS
+# The stages that sample in their step and whose `reward` may be a scorer spec.
+ONLINE_STAGES = ("ppo", "online_dpo", "grpo")
 
 # The range of each number that does not depend on other keys, as an interval ("(0, inf)": > 0),
 # and an optional note for the message. Every float key of the schema is here (a test checks it),
@@ -57,6 +59,13 @@ RANGES = {
     "ppo.target_kl": _POSITIVE,
     "ppo.temperature": _POSITIVE,
     "ppo.value_coef": _NON_NEGATIVE,
+    "online_dpo.beta": _POSITIVE,
+    "online_dpo.beta_schedule": _POSITIVE,
+    "online_dpo.temperature": _POSITIVE,
+    "grpo.beta": (_NON_NEGATIVE, "0: no KL penalty"),
+    "grpo.epsilon": _POSITIVE,
+    "grpo.epsilon_high": (_NON_NEGATIVE, "0: epsilon"),
+    "grpo.temperature": _POSITIVE,
     "unlikelihood.alpha": _NON_NEGATIVE,
     "data.weights": _POSITIVE,
     "evaluation.temperatures": (_NON_NEGATIVE, "0: greedy"),
@@ -251,8 +260,11 @@ def _validate_evaluation(config):
     # Scorers and plots are built after training: their specs and packages are checked now.
     specs = [("evaluation.scorer", evaluation.scorer, False), ("evaluation.judge", evaluation.judge, True),
              ("experiment.pair_scorer", experiment.pair_scorer, False)]
-    if "ppo" in config.stages and config.ppo.reward != "model":
-        specs.append(("ppo.reward", config.ppo.reward, False))
+    for name in ONLINE_STAGES:
+        if name in config.stages and config[name].reward != "model":
+            specs.append((f"{name}.reward", config[name].reward, False))
+    if "online_dpo" in config.stages and config.online_dpo.judge:
+        specs.append(("online_dpo.judge", config.online_dpo.judge, True))
     for key, spec, judge in specs:
         if spec:
             scorers.check_spec(spec, key, judge=judge)
