@@ -89,4 +89,5 @@ def initial_params(config, model, stage_plan, results):
 
 
 STAGE = base.Stage(name="ppo", data="prompts", config_block=config_block, plan=plan, validate=validate,
-                   initial_params=initial_params, outputs=lambda params: {"policy": params["policy"]})
+                   initial_params=initial_params, outputs=lambda params: {"policy": params["policy"]},
+                   report=online.report)
