@@ -47,6 +47,6 @@ def get_config(arg=None):
     if arg.runlocal:  # every piece of the pipeline, tiny: the CI test
         config = paper.make_runlocal(config, max_length=40, max_prompt_length=16)
         config.experiment.update(corpus_reviews=400, num_pair_prompts=32, dpo_betas=(0.1,), ppo_kl_coefs=(0.05,),
-                                 best_of_n=(2,))
+                                 best_of_n=(2,), ipo_betas=(0.1,), online_dpo_betas=(0.1,), grpo_betas=(0.04,))
         config.evaluation.num_prompts = 16
     return config

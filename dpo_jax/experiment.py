@@ -7,8 +7,9 @@
 3. pairs    `samples_per_prompt` completions per prompt sampled from the SFT model and scored by the
             ground-truth scorer; every two completions of a prompt with different scores make a pair
 4. reward   a reward model (Bradley-Terry) trained on the pairs, from the SFT model
-5. methods  one run per DPO beta, PPO KL coefficient (learned reward), PPO-GT KL coefficient
-            (reward = the ground-truth scorer), Preferred-FT and Unlikelihood, each from the SFT model
+5. methods  one run per DPO beta, IPO beta, PPO KL coefficient (learned reward), PPO-GT KL
+            coefficient (reward = the ground-truth scorer), online DPO beta and GRPO beta (learned
+            reward), Preferred-FT and Unlikelihood, each from the SFT model
 6. results  every policy (the SFT model and Best-of-N included) sampled on the same held-out prompts,
             scored by `config.evaluation.scorer`, with its sequence KL to the SFT model:
             results.json, results.md and frontier.png (reward against KL)
@@ -135,12 +136,20 @@ def _controlled_sentiment(config, workdir):
     methods = []  # (method, setting, stages, overrides)
     methods += [("DPO", f"beta={beta:g}", ("dpo",), {"dpo.beta": beta, "dpo.init_from": sft_checkpoints})
                 for beta in experiment.dpo_betas]
+    methods += [("IPO", f"beta={beta:g}", ("dpo",), {"dpo.beta": beta, "dpo.loss_type": ("ipo",),
+                                                      "dpo.init_from": sft_checkpoints})
+                for beta in experiment.ipo_betas]
     methods += [("PPO", f"kl_coef={coef:g}", ("ppo",), {"ppo.kl_coef": coef, "ppo.init_from": sft_checkpoints,
                                                         "ppo.reward_from": reward_checkpoints})
                 for coef in experiment.ppo_kl_coefs]
     methods += [("PPO-GT", f"kl_coef={coef:g}", ("ppo",), {"ppo.kl_coef": coef, "ppo.init_from": sft_checkpoints,
                                                            "ppo.reward": pair_scorer_spec})
                 for coef in experiment.ppo_gt_kl_coefs]
+    methods += [(method, f"beta={beta:g}", (stage,), {f"{stage}.beta": beta, f"{stage}.init_from": sft_checkpoints,
+                                                      f"{stage}.reward_from": reward_checkpoints})
+                for method, stage, betas in (("Online DPO", "online_dpo", experiment.online_dpo_betas),
+                                             ("GRPO", "grpo", experiment.grpo_betas))
+                for beta in betas]
     if experiment.preferred_ft:
         methods.append(("Preferred-FT", "", ("sft",), {"sft.init_from": sft_checkpoints}))
     if experiment.unlikelihood:
@@ -148,7 +157,8 @@ def _controlled_sentiment(config, workdir):
                         {"unlikelihood.init_from": sft_checkpoints}))
     rows = []
     for method, setting, stages, overrides in methods:
-        name = (method + ("_" + setting if setting else "")).lower().replace("=", "").replace("-", "_")
+        name = (method + ("_" + setting if setting else "")).lower().replace("=", "")
+        name = name.replace("-", "_").replace(" ", "_")
         summary = _run(_sub_config(config, stages, **evaluated, **overrides), os.path.join(workdir, "runs", name),
                        name)
         rows.append(_row(method, setting, summary["evaluation"]))

@@ -39,8 +39,8 @@ def test_sentiment_frontier_runs_every_method_and_resumes_without_redoing_work(t
     first = run_python(args)
 
     rows = _read(os.path.join(workdir, "results.json"))
-    assert {row["method"] for row in rows} == {"SFT", "DPO", "PPO", "PPO-GT", "Preferred-FT", "Unlikelihood",
-                                               "Best-of-N"}
+    assert {row["method"] for row in rows} == {"SFT", "DPO", "IPO", "PPO", "PPO-GT", "Online DPO", "GRPO",
+                                               "Preferred-FT", "Unlikelihood", "Best-of-N"}
     by_method = {row["method"]: row for row in rows}
     assert by_method["SFT"]["kl"] == 0.0  # the SFT model scored against itself: the same forward pass
     assert by_method["Best-of-N"]["kl"] == pytest.approx(math.log(2) - 1 / 2)  # N=2, the analytic bound
@@ -59,6 +59,13 @@ def test_sentiment_frontier_runs_every_method_and_resumes_without_redoing_work(t
     assert set(dpo_summary) == {"data", "dpo", "evaluation"}
     ppo_gt_config = _read(os.path.join(workdir, "runs", "ppo_gt_kl_coef0.05", "config.json"))
     assert ppo_gt_config["ppo"]["reward"] == "vader"
+    ipo_config = _read(os.path.join(workdir, "runs", "ipo_beta0.1", "config.json"))
+    assert ipo_config["dpo"]["loss_type"] == ["ipo"]
+    for name, stage in (("online_dpo_beta0.1", "online_dpo"), ("grpo_beta0.04", "grpo")):
+        summary = _read(os.path.join(workdir, "runs", name, "summary.json"))
+        assert set(summary) == {"data", stage, "evaluation"}, name
+        run_config_ = _read(os.path.join(workdir, "runs", name, "config.json"))
+        assert run_config_[stage]["reward_from"].endswith(os.path.join("runs", "reward", "checkpoints", "reward"))
 
     # A rerun finds everything done: the same table, no new checkpoint, the pairs not rewritten.
     steps_before = _checkpoint_steps(workdir)
@@ -123,9 +130,11 @@ def test_tldr_runlocal_reports_win_rates_at_each_temperature(tmp_path):
 
 
 @pytest.mark.skipif(not os.path.isdir(HH_DIR), reason="needs the HH file of ../shared/data/hh-rlhf")
-@pytest.mark.parametrize("method", ["dpo", "grpo"])
-def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path, method):
-    """method=grpo: samples of HH prompts decoded to text and scored by VADER on the host."""
+# grpo: samples of HH prompts decoded to text and scored by VADER on the host; online_dpo: each pair of
+# samples labelled by a judge (VADER's scores compared).
+@pytest.mark.parametrize("method, flags", [("dpo", []), ("grpo", []),
+                                           ("online_dpo", ["--config.online_dpo.judge=scorer:vader"])])
+def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path, method, flags):
     import gzip  # pylint: disable=import-outside-toplevel
     with gzip.open(os.path.join(HH_DIR, "harmless-base", "test.jsonl.gz"), "rt", encoding="utf-8") as f:
         texts = [json.loads(line)["chosen"] for _, line in zip(range(500), f)]
@@ -133,12 +142,16 @@ def test_hh_runlocal_reports_win_rates_against_the_chosen_responses(tmp_path, me
     workdir = str(tmp_path / "run")
     run_python(["-m", "dpo_jax.main", f"--config=configs/hh_pythia28b.py:runlocal,method={method}",
                 f"--workdir={workdir}", f"--config.data.tokenizer={tokenizer_dir}",
-                f"--config.data.data_dir={tmp_path / 'tfds'}"])
+                f"--config.data.data_dir={tmp_path / 'tfds'}", *flags])
     _assert_win_rates(workdir, ["1.0"])
-    if method == "grpo":
-        train = [r for r in workdir_records(workdir) if r["stage"] == "grpo" and r["split"] == "train"]
+    if method != "dpo":
+        train = [r for r in workdir_records(workdir) if r["stage"] == method and r["split"] == "train"]
         assert [r["step"] for r in train] == [2, 4]
-        assert all(-1.0 <= r["objective/scores"] <= 1.0 for r in train)  # VADER's compound score
+        if method == "grpo":
+            assert all(-1.0 <= r["objective/scores"] <= 1.0 for r in train)  # VADER's compound score
+        else:  # a judge's preference and its complement, per pair
+            assert all(r["objective/scores"] == pytest.approx(0.5) for r in train)
+            assert all(0.0 <= r["objective/scores_margin"] <= 1.0 for r in train)
 
 
 @pytest.mark.parametrize("config_file", ["imdb_gpt2_large", "tldr_gptj", "hh_pythia28b", "sentiment_frontier"])

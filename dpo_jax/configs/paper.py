@@ -46,6 +46,8 @@ def make_runlocal(config, *, max_length=48, max_prompt_length=16):
     config.ppo.num_minibatches = 2
     config.ppo.num_epochs = 1
     config.ppo.max_new_tokens = 8
+    config.online_dpo.max_new_tokens = config.grpo.max_new_tokens = 8
+    config.grpo.num_generations = 4
     config.eval.every_steps = 4
     config.eval.batch_size = 8
     config.checkpoint.every_steps = 4

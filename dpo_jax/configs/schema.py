@@ -25,6 +25,7 @@ LIST_KEYS = {
     "data.sft_train_files": str, "data.sft_eval_files": str, "data.pretrain_files": str,
     "data.pretrain_eval_files": str, "evaluation.temperatures": float, "experiment.dpo_betas": float,
     "experiment.ppo_kl_coefs": float, "experiment.ppo_gt_kl_coefs": float, "experiment.best_of_n": int,
+    "experiment.ipo_betas": float, "experiment.online_dpo_betas": float, "experiment.grpo_betas": float,
     "model.lora.targets": str, "bench.length_buckets": int, **stages.LIST_KEYS,
 }
 
@@ -111,6 +112,10 @@ def base_config():
         dpo_betas=(0.1,),                     # one DPO run per beta
         ppo_kl_coefs=(),                      # one PPO run (learned reward model) per KL coefficient
         ppo_gt_kl_coefs=(),                   # one PPO-GT run (reward = the pair scorer) per KL coefficient
+        ipo_betas=(),                         # one IPO run (dpo.loss_type='ipo') per beta
+        online_dpo_betas=(),                  # one online DPO run (pairs sampled and labelled by the reward model
+                                              #   during training) per beta
+        grpo_betas=(),                        # one GRPO run (learned reward) per KL-penalty weight beta
         preferred_ft=False,                   # Preferred-FT: SFT on the chosen responses of the pairs
         unlikelihood=False,                   # Unlikelihood on the pairs
         best_of_n=(),                         # Best-of-N against the reward model, one evaluation per N
