@@ -26,7 +26,7 @@ def get_config(arg=None):
     config.data.sft_split, config.data.sft_eval_split = "sft_train", "sft_test"
     config.data.max_length = 64           # prefix + completion, as the paper's short continuations
     config.data.max_prompt_length = 16
-    config.sft.num_steps = 2000
+    config.sft.num_steps = -(-25_000 // config.train.global_batch_size)  # one epoch of the training reviews (C.1)
     config.reward.num_steps = 1000
     config.dpo.num_steps = 2000
     config.ppo.update(num_steps=500, max_new_tokens=48, kl_coef=0.1)

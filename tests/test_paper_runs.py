@@ -162,3 +162,7 @@ def test_full_configs_carry_the_papers_hyperparameters(config_file):
                 config.train.global_batch_size) == ("rmsprop", 1e-6, 150, 64)
     expected_beta = {"tldr_gptj": 0.5}.get(config_file, 0.1)
     assert config.dpo.beta == expected_beta
+    if config_file == "imdb_gpt2_large":  # appendix C.1: SFT for one epoch of the 25,000 training reviews
+        assert config.sft.num_steps * config.train.global_batch_size >= 25_000
+        assert (config.sft.num_steps - 1) * config.train.global_batch_size < 25_000
+        assert config.experiment.dpo_betas == (0.05, 0.1, 1.0, 5.0) and config.experiment.samples_per_prompt == 4
