@@ -1,11 +1,14 @@
 r"""The DPO paper's controlled sentiment generation: GPT-2 large on IMDb (section 6.1, figure 2).
 
-SFT of GPT-2 large on IMDb reviews; prompts are 2-8 token prefixes of reviews; 4 completions per
-prefix are sampled from the SFT model and every two with different sentiment scores make a
-preference pair, labelled by a sentiment classifier (the paper: siebert/sentiment-roberta-large-english,
-any Hugging Face sequence classifier works); then DPO over a beta grid, with PPO, PPO-GT,
-Preferred-FT, Unlikelihood and Best-of-N for comparison, all evaluated on held-out prefixes
-(reward against KL). Download gpt2-large and the classifier first (safetensors), then:
+SFT of GPT-2 large on IMDb reviews for one epoch; prompts are 2-8 word prefixes of reviews (the
+paper says tokens; words keep the prefix independent of the tokenizer); 4 completions per prefix
+are sampled from the SFT model and every two with different sentiment scores make a preference
+pair, labelled by a sentiment classifier (the paper: siebert/sentiment-roberta-large-english, any
+Hugging Face sequence classifier works); then DPO at betas 0.05, 0.1, 1 and 5, PPO with adaptive
+KL to targets 3, 6, 9 and 12, PPO-GT, Preferred-FT, Unlikelihood and Best-of-N, every run
+evaluated every 100 steps on held-out prefixes (reward against the sequence KL from policy
+samples: the whole of figure 2, left). Download gpt2-large and the classifier first
+(safetensors), then:
 
   python -m dpo_jax.main --config=configs/imdb_gpt2_large.py:model_dir=/models/gpt2-large,classifier=/models/siebert \
       --workdir=gs://bucket/imdb --config.data.data_dir=gs://bucket/tfds
@@ -34,8 +37,9 @@ def get_config(arg=None):
                              samples_per_prompt=4, num_prompts=512, max_new_tokens=48, batch_size=64)
     config.experiment.update(
         name="controlled_sentiment", samples_per_prompt=4, dpo_betas=(0.05, 0.1, 1.0, 5.0),
-        ppo_kl_coefs=(0.01, 0.05, 0.1, 0.2), ppo_gt_kl_coefs=(0.05, 0.1), preferred_ft=True, unlikelihood=True,
-        best_of_n=(16, 64, 128))
+        ppo_target_kls=(3.0, 6.0, 9.0, 12.0),  # the paper's PPO: adaptive KL to these targets, from kl_coef 0.1
+        ppo_gt_kl_coefs=(0.05, 0.1), preferred_ft=True, unlikelihood=True, best_of_n=(16, 64, 128),
+        trajectory_every=100)  # every run evaluated every 100 steps, as the paper's figure 2
 
     if arg.runlocal:  # the same pipeline on the generated reviews, tiny, scored by VADER
         config = paper.make_runlocal(config, max_length=40, max_prompt_length=16)
@@ -43,5 +47,6 @@ def get_config(arg=None):
         config.evaluation.scorer = "vader"
         config.evaluation.num_prompts = 16
         config.experiment.update(generate_corpus=True, corpus_reviews=400, num_pair_prompts=32, dpo_betas=(0.1,),
-                                 ppo_kl_coefs=(0.05,), ppo_gt_kl_coefs=(), unlikelihood=False, best_of_n=(2,))
+                                 ppo_target_kls=(6.0,), ppo_gt_kl_coefs=(), unlikelihood=False, best_of_n=(2,),
+                                 trajectory_every=2)
     return config

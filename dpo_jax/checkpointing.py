@@ -225,16 +225,28 @@ class StageCheckpoints:
         return self._restore_newest_good(lambda step: _check_complete(
             self._manager.restore(step, args=_restore_args(abstract_state)), abstract_state))
 
-    def restore_params(self, abstract_params):
-        """Only the `params` of the newest saved train state that restores. A stage whose params hold
-        several models under names (PPO's {"policy", "value"}, the online stages' {"policy"}) gives
-        its policy, when `abstract_params` is one model."""
+    def restore_params(self, abstract_params, *, step=None):
+        """Only the `params` of the newest saved train state that restores, or of `step` (which must
+        restore: an error names it, and nothing is moved). A stage whose params hold several models
+        under names (PPO's {"policy", "value"}, the online stages' {"policy"}) gives its policy, when
+        `abstract_params` is one model."""
         def restore_one(step):  # the tree as saved (its checksums name its paths)
             named = self._holds_named_policy(step, abstract_params)
             abstract = {"params": {"policy": abstract_params} if named else abstract_params}
             return _check_complete(self._manager.restore(step, args=_restore_args(abstract, partial=True)), abstract)
 
-        params = self._restore_newest_good(restore_one)["params"]
+        if step is None:
+            params = self._restore_newest_good(restore_one)["params"]
+        else:
+            if step not in self._manager.all_steps():
+                raise CheckpointError(f"{self.directory} holds no checkpoint of step {step} "
+                                      f"(it holds {sorted(self._manager.all_steps())})")
+            try:
+                params = self._verify(step, restore_one(step))["params"]
+            except Exception as error:  # noqa: BLE001 - whatever is wrong with it, it is not loaded
+                raise CheckpointError(f"Checkpoint {self.directory}/{step} does not restore: "
+                                      f"{type(error).__name__}: {str(error).splitlines()[0][:300]}") from error
+            self.restored_step = step
         return params["policy"] if self._holds_named_policy(self.restored_step, abstract_params) else params
 
     def _holds_named_policy(self, step, abstract_params):
@@ -246,6 +258,10 @@ class StageCheckpoints:
         except Exception:  # noqa: BLE001 - unreadable metadata: the restore itself says what is wrong
             return False
         return isinstance(saved, dict) and "policy" in saved
+
+    def delete(self, step):
+        """Deletes the checkpoint of `step` (e.g. one evaluated and no longer needed)."""
+        self._manager.delete(step)
 
     def close(self):
         self._manager.close()

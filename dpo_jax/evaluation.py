@@ -333,18 +333,19 @@ def write_results(rows, out_dir):
     return json_path, markdown_path
 
 
-def _figure():
+def figure(size=(6, 4.5)):
+    """A matplotlib Figure and its axes, apart from pyplot."""
     try:
         from matplotlib.figure import Figure
     except ImportError as error:
         raise ImportError("Plots need matplotlib: pip install 'dpo_jax[repro]'") from error
     # A bare Figure renders PNGs with Agg and leaves pyplot's global backend and state alone.
-    figure = Figure(figsize=(6, 4.5), layout="constrained")
-    return figure, figure.subplots()
+    fig = Figure(figsize=size, layout="constrained")
+    return fig, fig.subplots()
 
 
 def _plot_by_method(rows, path, x_key, y_key, *, x_label, y_label, title, chance_level=None):
-    figure, axes = _figure()
+    fig, axes = figure()
     methods = list(dict.fromkeys(row["method"] for row in rows))
     for method in methods:
         points = sorted((row[x_key], row[y_key]) for row in rows
@@ -358,7 +359,7 @@ def _plot_by_method(rows, path, x_key, y_key, *, x_label, y_label, title, chance
     axes.set_title(title)
     axes.grid(alpha=0.3)
     axes.legend()
-    storage.write_bytes(path, lambda f: figure.savefig(f, format="png", dpi=150), only_process_zero=False)
+    storage.write_bytes(path, lambda f: fig.savefig(f, format="png", dpi=150), only_process_zero=False)
     return path
 
 

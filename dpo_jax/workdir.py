@@ -2,10 +2,10 @@
 
 Resuming a workdir with a different model, data or training config is refused, listing the keys
 that differ, except for the keys in `RESUMABLE_CHANGES` (lengthening a run, changing how often it
-evaluates or saves, or the machine it runs on). A run claims its workdir only once it can run:
-training writes config.json after validation and data preparation succeed, and a workdir whose
-run saved no checkpoint yet takes a corrected config. `make_workdir` creates a workdir, refusing one
-that cannot be (a file, an unwritable directory) before anything runs.
+evaluates or saves, the machine it runs on, or which runs an experiment holds). A run claims its
+workdir only once it can run: training writes config.json after validation and data preparation
+succeed, and a workdir whose run saved no checkpoint yet takes a corrected config. `make_workdir`
+creates a workdir, refusing one that cannot be (a file, an unwritable directory) before anything runs.
 """
 
 import dataclasses
@@ -24,7 +24,12 @@ RESUMABLE_CHANGES = tuple(f"{stage}.num_steps" for stage in stages.STAGES) + (
     "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor",
     # How the same network is computed, so a run can move between machines.
     "model.remat", "model.attention_kernel", "model.attention_kernel_block_size", "model.attention_block_size",
-    "model.logits_chunk_size")
+    "model.logits_chunk_size") + tuple(
+    # Which runs an experiment holds: each run checks its own workdir, so adding one keeps the others.
+    f"experiment.{key}" for key in ("dpo_betas", "ipo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "online_dpo_betas",
+                                    "grpo_betas", "preferred_ft", "unlikelihood", "best_of_n", "dpo_learning_rates",
+                                    "ppo_target_kls", "num_seeds", "seeded_methods", "trajectory_every",
+                                    "kl_budgets"))
 
 
 def _as_saved(value):

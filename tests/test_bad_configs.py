@@ -106,6 +106,13 @@ def _refusal(overrides):
     ({"data.weights": (INF,)}, "data.weights", "must be finite numbers (no NaN or inf), got (inf,)"),
     ({"evaluation.temperatures": (1.0, -1.0)}, "evaluation.temperatures", "each item must be >= 0 (0: greedy)"),
     ({"experiment.dpo_betas": (0.1, NAN)}, "experiment.dpo_betas", "must be finite numbers"),
+    ({"experiment.num_seeds": 0}, "experiment.num_seeds", "must be >= 1 (one run per seed), got 0"),
+    ({"experiment.trajectory_every": -1}, "experiment.trajectory_every", "must be >= 0 (0: only the final policy)"),
+    ({"experiment.seeded_methods": ("dpo", "rlhf")}, "experiment.seeded_methods",
+     "['rlhf'] are not among the methods ('dpo', 'ipo', 'ppo', 'ppo_gt', 'online_dpo', 'grpo'"),
+    ({"experiment.kl_budgets": (0.0,)}, "experiment.kl_budgets", "each item must be > 0, got (0.0,)"),
+    ({"experiment.dpo_learning_rates": (-1e-4,)}, "experiment.dpo_learning_rates", "each item must be > 0"),
+    ({"experiment.ppo_target_kls": (0.0,)}, "experiment.ppo_target_kls", "each item must be > 0"),
     ({"dpo.betta": 0.1}, "dpo.betta", "unknown key (did you mean config.dpo.beta?)"),
     ({"stages": ("sft", "sft")}, "stages", "must be distinct stages"),
 ], ids=lambda case: "-".join(f"{k}={v}" for k, v in case.items()) if isinstance(case, dict) else None)

@@ -206,3 +206,22 @@ def test_the_start_of_a_stage_is_recorded_with_its_checkpoints(saved, tmp_path):
     checkpoints = checkpointing.StageCheckpoints(directory)
     assert checkpoints.recorded_start() == "start-digest"
     checkpoints.close()
+
+
+def test_a_given_step_restores_exactly_and_a_damaged_one_is_an_error_that_moves_nothing(saved, tmp_path):
+    _, abstract, params = saved
+    directory = _copy(saved, tmp_path)
+    checkpoints = checkpointing.StageCheckpoints(directory)
+    try:
+        assert _equal(checkpoints.restore_params(abstract, step=1), params[1]) and checkpoints.restored_step == 1
+        with pytest.raises(checkpointing.CheckpointError, match=r"holds no checkpoint of step 3 \(it holds \[1, 2\]\)"):
+            checkpoints.restore_params(abstract, step=3)
+        _forge_a_checksum(directory)  # step 2's
+        damaged = f"Checkpoint {directory}/2 does not restore: .*checksum"
+        with pytest.raises(checkpointing.CheckpointError, match=damaged):
+            checkpoints.restore_params(abstract, step=2)
+        assert sorted(os.listdir(directory)) == ["1", "2"] and not os.path.exists(tmp_path / "quarantine")
+        checkpoints.delete(1)
+        assert checkpoints.all_steps() == [2] and sorted(os.listdir(directory)) == ["2"]
+    finally:
+        checkpoints.close()

@@ -33,37 +33,70 @@ def _checkpoint_steps(workdir):
     return steps
 
 
-def test_sentiment_frontier_runs_every_method_and_resumes_without_redoing_work(tmp_path):
+def test_sentiment_frontier_traces_every_method_over_seeds_and_resumes_without_redoing_work(tmp_path):
     workdir = str(tmp_path / "frontier")
     args = ["-m", "dpo_jax.main", "--config=configs/sentiment_frontier.py:runlocal", f"--workdir={workdir}"]
     first = run_python(args)
 
-    rows = _read(os.path.join(workdir, "results.json"))
+    rows = _read(os.path.join(workdir, "results.json"))  # each run's final point, and the baselines
     assert {row["method"] for row in rows} == {"SFT", "DPO", "IPO", "PPO", "PPO-GT", "Online DPO", "GRPO",
                                                "Preferred-FT", "Unlikelihood", "Best-of-N"}
     by_method = {row["method"]: row for row in rows}
     assert by_method["SFT"]["kl"] == 0.0  # the SFT model scored against itself: the same forward pass
     assert by_method["Best-of-N"]["kl"] == pytest.approx(math.log(2) - 1 / 2)  # N=2, the analytic bound
     assert all(math.isfinite(row["kl"]) and -1.0 <= row["score"] <= 1.0 for row in rows)  # VADER compound
+    # DPO: 2 learning rates x 2 seeds (the runlocal's seeded method); IPO at each learning rate, one seed.
+    assert sorted((row["setting"], row["seed"]) for row in rows if row["method"] == "DPO") == [
+        ("beta=0.1 lr=0.001", 0), ("beta=0.1 lr=0.001", 1), ("beta=0.1 lr=0.003", 0), ("beta=0.1 lr=0.003", 1)]
+    assert sorted(row["setting"] for row in rows if row["method"] == "IPO") == ["beta=0.1 lr=0.001",
+                                                                                  "beta=0.1 lr=0.003"]
     with open(os.path.join(workdir, "results.md"), encoding="utf-8") as f:
         assert len([line for line in f if line.startswith("| ")]) == len(rows) + 1  # header + a row each
     with open(os.path.join(workdir, "frontier.png"), "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
+    # Trajectories: every method run evaluated at steps 2 and 4 (experiment.trajectory_every=2), after the
+    # SFT model's point; the evaluated checkpoints but the last deleted.
+    trajectories = _read(os.path.join(workdir, "trajectories.json"))
+    method_runs = [run for run in trajectories if run["method"] not in ("SFT", "Best-of-N")]
+    assert len(method_runs) == len(rows) - 2
+    sft_point = next(run for run in trajectories if run["method"] == "SFT")["points"][0]
+    for run in method_runs:
+        assert [point["step"] for point in run["points"]] == [0, 2, 4], run["name"]
+        assert run["points"][0] == sft_point
+        assert all(point["kl_standard_error"] > 0 for point in run["points"][1:]), run["name"]
+        assert run["train_seconds"] > 0 and run["eval_seconds"] > 0
+        assert _read(os.path.join(workdir, "runs", run["name"], "trajectory.json"))["points"] == run["points"][1:]
+        stage = _read(os.path.join(workdir, "runs", run["name"], "config.json"))["stages"][0]
+        assert sorted(os.listdir(os.path.join(workdir, "runs", run["name"], "checkpoints", stage))) == ["4"]
+    # The budget table: a row per method, each cell within [SFT's score, 1]; DPO's over its 2 seeds.
+    table = {row["method"]: row for row in _read(os.path.join(workdir, "budgets.json"))}
+    assert set(table) == {row["method"] for row in rows}
+    assert table["DPO"]["seeds"] == [0, 1] and table["PPO"]["seeds"] == [0]
+    for budget, cell in table["DPO"]["budgets"].items():
+        assert len(cell["per_seed"]) == 2 and cell["interval"] is not None, budget
+        assert all(sft_point["score"] <= value <= 1.0 for value in cell["per_seed"])
+    with open(os.path.join(workdir, "budgets.md"), encoding="utf-8") as f:
+        budgets_md = f.read()
+    assert budgets_md.startswith("| method | seeds | KL ≤ 1 | KL ≤ 2 | KL ≤ 5 | KL ≤ 10 |")
+    assert "| DPO | 2 | " in budgets_md and "Highest mean per budget: " in budgets_md
+
     # Pairs: every record chosen over rejected by the ground-truth score.
     with open(os.path.join(workdir, "pairs", "train.jsonl"), encoding="utf-8") as f:
         pairs = [json.loads(line) for line in f]
     assert pairs and all(pair["chosen_score"] > pair["rejected_score"] for pair in pairs)
-    # Each method ran from the SFT checkpoint in its own workdir, with its sample evaluation.
-    dpo_summary = _read(os.path.join(workdir, "runs", "dpo_beta0.1", "summary.json"))
-    assert set(dpo_summary) == {"data", "dpo", "evaluation"}
+    # Each method ran from the SFT checkpoint in its own workdir, with its settings and seed.
+    for seed in (0, 1):
+        dpo = _read(os.path.join(workdir, "runs", f"dpo_beta0.1_lr0.003_seed{seed}", "config.json"))
+        assert (dpo["seed"], dpo["dpo"]["learning_rate"], dpo["dpo"]["reference"]) == (seed, 0.003, "precomputed")
+    assert set(_read(os.path.join(workdir, "runs", "dpo_beta0.1_lr0.001_seed0", "summary.json"))) == {"data", "dpo"}
+    ppo = _read(os.path.join(workdir, "runs", "ppo_target_kl6", "config.json"))["ppo"]
+    assert (ppo["adaptive_kl"], ppo["target_kl"]) == (True, 6.0)
     ppo_gt_config = _read(os.path.join(workdir, "runs", "ppo_gt_kl_coef0.05", "config.json"))
     assert ppo_gt_config["ppo"]["reward"] == "vader"
-    ipo_config = _read(os.path.join(workdir, "runs", "ipo_beta0.1", "config.json"))
+    ipo_config = _read(os.path.join(workdir, "runs", "ipo_beta0.1_lr0.001", "config.json"))
     assert ipo_config["dpo"]["loss_type"] == ["ipo"]
     for name, stage in (("online_dpo_beta0.1", "online_dpo"), ("grpo_beta0.04", "grpo")):
-        summary = _read(os.path.join(workdir, "runs", name, "summary.json"))
-        assert set(summary) == {"data", stage, "evaluation"}, name
         run_config_ = _read(os.path.join(workdir, "runs", name, "config.json"))
         assert run_config_[stage]["reward_from"].endswith(os.path.join("runs", "reward", "checkpoints", "reward"))
 
@@ -74,6 +107,13 @@ def test_sentiment_frontier_runs_every_method_and_resumes_without_redoing_work(t
     assert second.stdout.splitlines()[-len(rows) - 1:] == first.stdout.splitlines()[-len(rows) - 1:]
     assert _checkpoint_steps(workdir) == steps_before
     assert os.path.getmtime(os.path.join(workdir, "pairs", "train.jsonl")) == pairs_mtime
+    # A method added to the experiment runs alone: every other run, and the shared pieces, are kept.
+    run_python(args + ["--config.experiment.grpo_betas=0.04,0"])
+    steps_after = _checkpoint_steps(workdir)
+    added = os.path.join("runs", "grpo_beta0", "")
+    assert {key: value for key, value in steps_after.items() if not key.startswith(added)} == steps_before
+    assert [run["setting"] for run in _read(os.path.join(workdir, "trajectories.json")) if run["method"] == "GRPO"] \
+        == ["beta=0.04", "beta=0"]
 
 
 def test_imdb_runlocal_builds_the_controlled_sentiment_pipeline(tmp_path):
@@ -82,6 +122,8 @@ def test_imdb_runlocal_builds_the_controlled_sentiment_pipeline(tmp_path):
     rows = _read(os.path.join(workdir, "results.json"))
     assert {row["method"] for row in rows} == {"SFT", "DPO", "PPO", "Preferred-FT", "Best-of-N"}
     assert _read(os.path.join(workdir, "runs", "sft", "config.json"))["stages"] == ["sft"]
+    ppo = next(run for run in _read(os.path.join(workdir, "trajectories.json")) if run["method"] == "PPO")
+    assert ppo["setting"] == "target_kl=6" and [point["step"] for point in ppo["points"]] == [0, 2, 4]
 
 
 def _train_tokenizer(texts, directory):
@@ -166,3 +208,11 @@ def test_full_configs_carry_the_papers_hyperparameters(config_file):
         assert config.sft.num_steps * config.train.global_batch_size >= 25_000
         assert (config.sft.num_steps - 1) * config.train.global_batch_size < 25_000
         assert config.experiment.dpo_betas == (0.05, 0.1, 1.0, 5.0) and config.experiment.samples_per_prompt == 4
+        # Section 6.1: PPO to target KLs 3, 6, 9, 12; each run evaluated every 100 steps.
+        assert config.experiment.ppo_target_kls == (3.0, 6.0, 9.0, 12.0) and config.experiment.trajectory_every == 100
+    if config_file == "sentiment_frontier":  # the paper's betas, 3 learning rates over a decade, 3 seeds
+        experiment = config.experiment
+        assert experiment.dpo_betas == (0.05, 0.1, 1.0, 5.0) and experiment.ppo_target_kls == (3.0, 6.0, 9.0, 12.0)
+        assert max(experiment.dpo_learning_rates) / min(experiment.dpo_learning_rates) >= 10 - 1e-9
+        assert experiment.num_seeds == 3 and set(experiment.seeded_methods) == {"dpo", "ppo", "online_dpo"}
+        assert 50 <= experiment.trajectory_every <= 100

@@ -26,8 +26,15 @@ LIST_KEYS = {
     "data.pretrain_eval_files": str, "evaluation.temperatures": float, "experiment.dpo_betas": float,
     "experiment.ppo_kl_coefs": float, "experiment.ppo_gt_kl_coefs": float, "experiment.best_of_n": int,
     "experiment.ipo_betas": float, "experiment.online_dpo_betas": float, "experiment.grpo_betas": float,
+    "experiment.dpo_learning_rates": float, "experiment.ppo_target_kls": float, "experiment.seeded_methods": str,
+    "experiment.kl_budgets": float,
     "model.lora.targets": str, "bench.length_buckets": int, **stages.LIST_KEYS,
 }
+
+# The methods of the controlled-sentiment experiment (dpo_jax/experiment.py): their names in its
+# results, and their keys in config.experiment.seeded_methods.
+EXPERIMENT_METHODS = {"DPO": "dpo", "IPO": "ipo", "PPO": "ppo", "PPO-GT": "ppo_gt", "Online DPO": "online_dpo",
+                      "GRPO": "grpo", "Preferred-FT": "preferred_ft", "Unlikelihood": "unlikelihood"}
 
 
 def base_config():
@@ -119,6 +126,17 @@ def base_config():
         preferred_ft=False,                   # Preferred-FT: SFT on the chosen responses of the pairs
         unlikelihood=False,                   # Unlikelihood on the pairs
         best_of_n=(),                         # Best-of-N against the reward model, one evaluation per N
+        dpo_learning_rates=(),                # DPO (and IPO) runs per beta at each of these learning rates (() =
+                                              #   dpo.learning_rate)
+        ppo_target_kls=(),                    # one PPO run (learned reward) per target KL, its kl_coef adapted from
+                                              #   ppo.kl_coef by the adaptive controller (horizon ppo.kl_horizon)
+        num_seeds=1,                          # runs of the seeded_methods repeat with seeds seed, seed + 1, ...; the
+                                              #   shared pieces (corpus, base run, pairs, reward model) use seed
+        seeded_methods=("dpo", "ppo", "online_dpo"),  # the methods num_seeds repeats, out of dpo, ipo, ppo,
+                                              #   ppo_gt, online_dpo, grpo, preferred_ft, unlikelihood
+        trajectory_every=0,                   # 0: each method run evaluated at its end | N: each keeps a checkpoint
+                                              #   every N steps, each evaluated (the run's trajectory)
+        kl_budgets=(1.0, 2.0, 5.0, 10.0),     # the budget table's limits (nats): each method's best score at KL <= each
     ))
 
     config.eval = ml_collections.ConfigDict(dict(

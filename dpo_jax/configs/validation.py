@@ -77,6 +77,11 @@ RANGES = {
     "experiment.grpo_betas": (_NON_NEGATIVE, "0: no KL penalty"),
     "experiment.best_of_n": _POSITIVE,
     "experiment.samples_per_prompt": ("[2, inf)", "to make pairs"),
+    "experiment.dpo_learning_rates": _POSITIVE,
+    "experiment.ppo_target_kls": _POSITIVE,
+    "experiment.num_seeds": ("[1, inf)", "one run per seed"),
+    "experiment.trajectory_every": (_NON_NEGATIVE, "0: only the final policy"),
+    "experiment.kl_budgets": _POSITIVE,
     "evaluation.samples_per_prompt": _POSITIVE,
     "evaluation.num_prompts": _POSITIVE,
     "evaluation.max_new_tokens": _POSITIVE,
@@ -260,6 +265,9 @@ def _validate_evaluation(config):
     experiment = config.experiment
     _check(experiment.name in ("", "controlled_sentiment"), "experiment.name",
            f"must be '' or 'controlled_sentiment', got {experiment.name!r}")
+    methods = tuple(schema.EXPERIMENT_METHODS.values())
+    unknown = [method for method in experiment.seeded_methods if method not in methods]
+    _check(not unknown, "experiment.seeded_methods", f"{unknown} are not among the methods {methods}")
     # Scorers and plots are built after training: their specs and packages are checked now.
     specs = [("evaluation.scorer", evaluation.scorer, False), ("evaluation.judge", evaluation.judge, True),
              ("experiment.pair_scorer", experiment.pair_scorer, False)]
