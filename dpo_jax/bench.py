@@ -59,6 +59,7 @@ from dpo_jax.configs import bench_config, validation
 from dpo_jax.data import loader, task, tokenize
 from dpo_jax.metrics import METRICS_LAG
 from dpo_jax.models import kernels, sampling, transformer
+from dpo_jax.stages import dpo as dpo_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_hh.py", "Config file.", lock_config=False)
 _MODE = flags.DEFINE_enum("mode", "step", ["step", "state_memory", "logps", "sampling", "device_check"],
@@ -422,7 +423,7 @@ def plan(config, accelerator_name, mesh_text):
                                for suffix, remat in (("", False), ("_remat", True))}
                  for length in PLAN_ROW_LENGTHS}
     gradients = state["params"]
-    live = config.dpo.reference == "live"
+    live = dpo_stage.reference_mode(config.dpo) == "live"
     # Every slot counted as a token (the padded-layout bound); attention as the assumed path computes it.
     matmul_flops = rows * row_length * matmul_flops_per_token(decoder_config)
     attention_forward_flops = rows * attention_pairs_per_row(
@@ -695,14 +696,14 @@ def _prepare(config, num_batches):
     """Data, state and compiled steps of a resolved config, with `num_batches` batches planned."""
     options = config.bench
     decoder_config = models.decoder_config(config.model)
-    live = config.dpo.reference == "live"
+    live = dpo_stage.reference_mode(config.dpo) == "live"
     mesh = sharding.make_mesh(config.mesh)
     model = planning.plan_model(config, mesh)
     stage = stages.STAGES["dpo"].plan(config, mesh, model)
     arrays = task.load_task(config).pairs_train
     params = models.init_params(config.model, seed=config.seed, shardings=model.param_shardings)
     precompute_sec = None
-    if not live:  # the reference pass over the data, once, before training
+    if dpo_stage.reference_mode(config.dpo) == "precomputed":  # the reference pass over the data, once
         started = time.perf_counter()
         arrays = reference.with_reference_logps(
             {"train": arrays}, params, graphdef=model.graphdef, mesh=mesh, param_shardings=model.param_shardings,
@@ -739,7 +740,7 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
     config, options = bench.config, bench.config.bench
     num_steps = len(stats)
     totals = {key: sum(s[key] for s in stats) for key in stats[0]}
-    live = config.dpo.reference == "live"
+    live = dpo_stage.reference_mode(config.dpo) == "live"
     first = next(iter(bench.compiled.values()))
     with jax.set_mesh(bench.mesh):  # as the step has it (`sharding.on_mesh`), for the fused attention kernels
         phases = phase_seconds(bench.stage, bench.model, bench.decoder_config, bench.state, bench.fetch(0)[1],
@@ -748,7 +749,8 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
     peak_memory_bytes, peak_memory_source = peak_memory()
     result = {
         "mode": "step", "backend": jax.default_backend(), "devices": bench.mesh.size, "dtype": config.model.dtype,
-        "layout": config.data.layout, "reference": config.dpo.reference, "steps": num_steps,
+        "layout": config.data.layout, "reference": dpo_stage.reference_mode(config.dpo) or "none",
+        "steps": num_steps,
         "pairs_per_step": totals["pairs"] / num_steps,
         "pairs_per_sec": totals["pairs"] / seconds,
         "tokens_per_sec": totals["real_tokens"] / seconds,

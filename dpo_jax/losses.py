@@ -565,6 +565,13 @@ LOSS_FUNCTIONS: Dict[str, LossVariant] = {
 LOSS_TYPES = tuple(LOSS_FUNCTIONS)
 
 
+def uses_reference(loss_type: Union[str, Sequence[str]]) -> bool:
+    """Whether `loss_type` (one or a mixture) reads reference log-probs: False when every term is
+    reference-free (simpo, orpo, sigmoid_ref_free, sft), which then needs no reference model."""
+    loss_types = (loss_type,) if isinstance(loss_type, str) else tuple(loss_type)
+    return any(LOSS_FUNCTIONS[name].reference_free_logratios is None for name in loss_types)
+
+
 def _wpo_weights(pair: _Pair) -> Array:
     """WPO (Zhou et al. 2024, arXiv:2406.11827), eq. 2: w = exp(log pi(y_w) / |y_w| + log pi(y_l) / |y_l|), no gradient.
 

@@ -152,7 +152,10 @@ def _reference(params, ref_params, dpo_config):
 
 
 def _reference_pair_logps(graphdef, params, ref_params, batch, rows, dpo_config):
-    """The reference's (chosen, rejected) log-probs: precomputed ones from the batch, or a live forward."""
+    """The reference's (chosen, rejected) log-probs: precomputed ones from the batch, or a live
+    forward; (None, None) for a reference-free loss, which runs no reference."""
+    if not losses.uses_reference(dpo_config.loss_type):
+        return None, None
     if "reference_chosen_logps" in batch:
         return batch["reference_chosen_logps"].reshape(-1), batch["reference_rejected_logps"].reshape(-1)
     reference, use_lora = _reference(params, ref_params, dpo_config)
@@ -418,7 +421,7 @@ def kto_eval_step(params, ref_params, batch, *, graphdef, kto_config):
 def dpo_eval_step(params, ref_params, batch, *, graphdef, dpo_config):
     """DPO metrics plus, with a live reference, `kl`: exact KL(policy || reference) summed over
     each response, averaged over sequences (from full logits of both models)."""
-    if "reference_chosen_logps" in batch:
+    if "reference_chosen_logps" in batch or not losses.uses_reference(dpo_config.loss_type):
         return _loss_metrics(dpo_loss, params, ref_params, batch, graphdef=graphdef, dpo_config=dpo_config)
     rows = _dpo_rows(batch)
     logits, labels, _ = _shifted_logits(graphdef, params, rows)

@@ -1,5 +1,6 @@
 """The pure SFT and DPO steps on a tiny model and the synthetic task."""
 
+import copy
 import functools
 
 import jax
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from dpo_jax import losses, models, steps
+from dpo_jax import losses, models, planning, sharding, stages, steps
 from dpo_jax.data import loader
 from dpo_jax.data.task import load_task
 
@@ -167,3 +168,38 @@ def test_a_step_with_a_non_finite_loss_gradient_or_update_changes_nothing(poison
                              jax.tree.leaves((new_state.params, new_state.opt_state))):
         np.testing.assert_array_equal(before, after)
     assert int(new_state.step) == 1  # the batch is consumed
+
+
+def test_a_reference_free_loss_runs_no_reference_and_logs_the_rewards_it_defines(tiny_config):
+    _, _, batches, _, eval_batch, graphdef = _setup(tiny_config, "dpo")
+    batch = batches[0]
+    mesh = sharding.make_mesh(tiny_config.mesh, jax.devices()[:1])
+    model = planning.plan_model(tiny_config, mesh)
+    params = models.init_params(tiny_config.model, seed=tiny_config.seed, shardings=model.param_shardings)
+    beta = tiny_config.dpo.beta
+
+    def policy_logps(side):
+        logits = models.apply(graphdef, params, batch[side + "_input_ids"], segment_ids=batch[side + "_segment_ids"])
+        mask = batch[side + "_loss_mask"][:, 1:]
+        return losses.sequence_logps(logits[:, :-1], batch[side + "_input_ids"][:, 1:], mask), mask.sum(axis=1)
+
+    chosen_logps, chosen_lengths = policy_logps("chosen")
+    rejected_logps, rejected_lengths = policy_logps("rejected")
+    for loss_type, normalised in (("sigmoid_ref_free", False), ("simpo", True), ("orpo", True)):
+        config = copy.deepcopy(tiny_config)
+        config.dpo.loss_type = (loss_type,)
+        config.dpo.reference = "precomputed"  # nothing to precompute for a loss that reads no reference
+        plan = stages.STAGES["dpo"].plan(config, mesh, model)
+        assert plan.reference_mode is None and plan.prepare_data is None, loss_type
+        assert planning.init_state(plan, params).ref_params is None  # no reference model in the state
+
+        loss, (metrics, _) = steps.dpo_loss(params, None, batch, None, graphdef=graphdef, dpo_config=config.dpo)
+        # The rewards the loss defines: beta * log pi(y | x), per token for the length-normalised losses.
+        chosen = beta * (chosen_logps / chosen_lengths if normalised else chosen_logps)
+        rejected = beta * (rejected_logps / rejected_lengths if normalised else rejected_logps)
+        np.testing.assert_allclose(metrics["rewards/chosen"], chosen.mean(), rtol=1e-5, err_msg=loss_type)
+        np.testing.assert_allclose(metrics["rewards/margins"], (chosen - rejected).mean(), rtol=1e-4, atol=1e-6)
+        if loss_type == "sigmoid_ref_free":  # -log sigmoid(beta (log pi(y_w) - log pi(y_l)))
+            np.testing.assert_allclose(loss, -jax.nn.log_sigmoid(chosen - rejected).mean(), rtol=1e-5)
+        evaluated = steps.dpo_eval_step(params, None, eval_batch, graphdef=graphdef, dpo_config=config.dpo)
+        assert "kl" not in evaluated and np.isfinite(float(evaluated["loss"])), loss_type

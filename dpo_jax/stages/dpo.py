@@ -2,7 +2,9 @@
 
 Starts from `dpo.init_from`, else the run's last policy stage (SFT), else the model init. The
 reference is that starting point: a live frozen copy in the train state, log-probs precomputed once
-(no reference model in training), or, with LoRA, the same weights with the adapters off.
+(no reference model in training), or, with LoRA, the same weights with the adapters off. A
+reference-free loss (simpo, orpo, sigmoid_ref_free) runs none of them, whatever `dpo.reference`
+says, and logs the rewards the loss itself defines.
 """
 
 import functools
@@ -80,6 +82,8 @@ def validate(config):
     base.check(dpo.reference_update_every >= 0, "dpo.reference_update_every", "must be >= 0")
     base.check(not dpo.reference_update_every or dpo.reference == "live", "dpo.reference_update_every",
                "TR-DPO updates a live reference: needs dpo.reference='live'")
+    base.check(not dpo.reference_update_every or losses.uses_reference(dpo.loss_type), "dpo.reference_update_every",
+               f"TR-DPO updates the reference, which loss_type={dpo.loss_type!r} does not use")
     base.check(0 < dpo.reference_update_alpha <= 1, "dpo.reference_update_alpha", "must be in (0, 1]")
 
 
@@ -93,18 +97,24 @@ def _precomputed_reference(config, mesh, model):
     return prepare
 
 
+def reference_mode(dpo):
+    """`dpo.reference`, or None for a reference-free loss (simpo, orpo, sigmoid_ref_free, sft): no
+    reference model in the state, no reference forward, no precomputed log-probs."""
+    return dpo.reference if losses.uses_reference(dpo.loss_type) else None
+
+
 def plan(config, mesh, model, task=None):
     del task
     dpo = config.dpo
+    mode = reference_mode(dpo)
     reference_update = None
-    if dpo.reference == "live" and dpo.reference_update_every:
+    if mode == "live" and dpo.reference_update_every:
         reference_update = (dpo.reference_update_every, dpo.reference_update_alpha)
     return planning.plan_train_stage(
         "dpo", config, mesh, model, functools.partial(steps.dpo_loss, graphdef=model.graphdef, dpo_config=dpo),
         functools.partial(steps.dpo_eval_step, graphdef=model.graphdef, dpo_config=dpo),
-        reference_mode=dpo.reference, reference_dtype=dpo.reference_dtype or None,
-        reference_update=reference_update,
-        prepare_data=_precomputed_reference(config, mesh, model) if dpo.reference == "precomputed" else None)
+        reference_mode=mode, reference_dtype=dpo.reference_dtype or None, reference_update=reference_update,
+        prepare_data=_precomputed_reference(config, mesh, model) if mode == "precomputed" else None)
 
 
 def initial_params(config, model, stage_plan, results):
