@@ -950,6 +950,7 @@ def trl_worker(spec_path):
             max_steps=total, learning_rate=spec["learning_rate"], beta=spec["beta"], lr_scheduler_type="constant",
             max_grad_norm=spec["grad_clip_norm"], use_cpu=True, bf16=spec["bf16"], seed=spec["seed"],
             precompute_ref_log_probs=spec["precompute_ref_log_probs"], report_to=[], logging_steps=total + 1,
+            gradient_checkpointing=False,  # TRL 1.x defaults it on, recomputing the forward: slower, not a baseline
             save_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
         trainer = PreTokenizedDPOTrainer(
             model=policy, ref_model=reference_model, args=args, processing_class=tokenizer,
@@ -963,6 +964,9 @@ def trl_worker(spec_path):
             "torch_threads": torch.get_num_threads(),
             "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
             "attn_implementation": policy.config._attn_implementation,
+            # What TRL ran with, read back from the trainer rather than from what was asked.
+            "gradient_checkpointing": bool(trainer.model.is_gradient_checkpointing),
+            "precompute_ref_log_probs": bool(trainer.args.precompute_ref_log_probs), "bf16": bool(trainer.args.bf16),
             "peak_memory_bytes": _peak_rss()}
 
 

@@ -47,6 +47,9 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
     assert os.path.exists(os.path.join(tmp_path, "bpe512-hh_rlhf-harmless-base-test", "tokenizer.json"))
     if with_trl:
         assert result["trl"]["pairs_per_sec"] > 0 and result["trl_ratio"] > 0
+        # TRL at its fastest correct configuration: no recomputed forward, the same reference strategy.
+        assert result["trl"]["gradient_checkpointing"] is False
+        assert result["trl"]["precompute_ref_log_probs"] is False and result["trl"]["attn_implementation"] == "sdpa"
         config = run_config("bench_hh", "runlocal")
         bench._resolve(config, str(tmp_path))
         arrays = load_task(bench._without_bench(config)).pairs_train
