@@ -11,7 +11,8 @@ with common random numbers (`evaluation.evaluate_policy` with one seed): {"step"
 - `upper_envelope`: the points no other point beats, i.e. one with lower or equal KL and a higher score.
 - `budget_table`: for each method and seed, the best score of the method's points (every setting,
   every step) whose KL estimate is within the budget; then the mean over seeds and a t-interval.
-  Every run starts at the SFT model (step 0, KL 0), so a method's value is never below it.
+  Every run starts at the SFT model (step 0, KL 0), so a method's value is never below it; a cell
+  whose best is that start in every seed is marked, since the method's own points all lie beyond.
 """
 
 import collections
@@ -58,10 +59,11 @@ def mean_and_interval(values, confidence=0.95):
 
 
 def budget_table(runs, budgets, confidence=0.95):
-    """Rows {"method", "seeds", "budgets": {budget: {"mean", "interval", "per_seed"}}}, in the
-    methods' first-seen order. per_seed: each seed's best score within the budget (None where no
-    point of that seed is within it, e.g. a Best-of-N whose analytic KL exceeds it); mean and
-    interval over the seeds with a value."""
+    """Rows {"method", "seeds", "budgets": {budget: {"mean", "interval", "per_seed", "only_start"}}},
+    in the methods' first-seen order. per_seed: each seed's best score within the budget (None where
+    no point of that seed is within it, e.g. a Best-of-N whose analytic KL exceeds it); mean and
+    interval over the seeds with a value; only_start: every seed's best is a step-0 point (the SFT
+    model), none of the method's own points being within the budget."""
     by_method = collections.defaultdict(lambda: collections.defaultdict(list))
     for run in runs:
         by_method[run["method"]][run["seed"]] += run["points"]
@@ -69,21 +71,27 @@ def budget_table(runs, budgets, confidence=0.95):
     for method, seeds in by_method.items():
         row = {"method": method, "seeds": sorted(seeds), "budgets": {}}
         for budget in budgets:
-            per_seed = [max((point["score"] for point in seeds[seed] if point["kl"] <= budget), default=None)
-                        for seed in row["seeds"]]
+            best = [max((point for point in seeds[seed] if point["kl"] <= budget), default=None,
+                        key=lambda point: (point["score"], point["step"])) for seed in row["seeds"]]
+            per_seed = [None if point is None else point["score"] for point in best]
             reached = [value for value in per_seed if value is not None]
             mean, interval = mean_and_interval(reached, confidence) if reached else (None, None)
-            row["budgets"][float(budget)] = {"mean": mean, "interval": interval, "per_seed": per_seed}
+            row["budgets"][float(budget)] = {"mean": mean, "interval": interval, "per_seed": per_seed,
+                                             "only_start": bool(reached) and all(
+                                                 point is None or point["step"] == 0 for point in best)}
         rows.append(row)
     return rows
 
 
 def leaders(table):
-    """{budget: (method, mean)}: the method with the highest mean score within each budget."""
+    """{budget: (method, mean)}: the method with the highest mean score within each budget, of those
+    with points of their own there (the SFT model where none has)."""
     best = {}
     for row in table:
         for budget, cell in row["budgets"].items():
-            if cell["mean"] is not None and (budget not in best or cell["mean"] > best[budget][1]):
+            if cell["mean"] is None or (cell["only_start"] and row["method"] != "SFT"):
+                continue
+            if budget not in best or cell["mean"] > best[budget][1]:
                 best[budget] = (row["method"], cell["mean"])
     return best
 
@@ -99,6 +107,8 @@ def format_budget_table(table, confidence=0.95):
             cell = row["budgets"][budget]
             if cell["mean"] is None:
                 cells.append("")
+            elif cell["only_start"] and row["method"] != "SFT":
+                cells.append("(SFT)")
             else:
                 cells.append(f"{cell['mean']:.3f}" + (f" ± {cell['interval']:.3f}" if cell["interval"] is not None
                                                        else ""))
@@ -106,9 +116,10 @@ def format_budget_table(table, confidence=0.95):
     best = leaders(table)
     lines += ["", f"Mean over seeds of each seed's best held-out score among the method's points (every setting, every "
               f"evaluated step) with KL to the SFT model within the budget; ± the {confidence:.0%} Student-t "
-              "interval of that mean (none for one seed).", "",
+              "interval of that mean (none for one seed). (SFT): no point of the method's own (past step 0) is "
+              "within the budget, so its best is the SFT model it started from.", "",
               "Highest mean per budget: " + "; ".join(f"KL ≤ {budget:g}: {method} ({mean:.3f})"
-                                                       for budget, (method, mean) in best.items()) + "."]
+                                                       for budget, (method, mean) in sorted(best.items())) + "."]
     return "\n".join(lines) + "\n"
 
 

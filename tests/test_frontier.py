@@ -45,7 +45,7 @@ def test_the_budget_table_takes_each_seeds_best_within_the_budget_then_a_t_inter
     assert cell["mean"] == pytest.approx(0.8)
     assert cell["interval"] == pytest.approx(4.302653 * 0.1 / math.sqrt(3), rel=1e-5)
     best_of_n = table["Best-of-N"]["budgets"]
-    assert best_of_n[1.0] == {"mean": None, "interval": None, "per_seed": [None]}  # its KL is 1.84
+    assert best_of_n[1.0] == {"mean": None, "interval": None, "per_seed": [None], "only_start": False}  # KL 1.84
     assert best_of_n[2.0]["mean"] == pytest.approx(0.85) and best_of_n[2.0]["interval"] is None  # one seed
     assert frontier.leaders(list(table.values())) == {1.0: ("DPO", pytest.approx(1 / 3)),
                                                       2.0: ("Best-of-N", 0.85), 5.0: ("Best-of-N", 0.85)}
@@ -55,13 +55,18 @@ def test_the_budget_table_takes_each_seeds_best_within_the_budget_then_a_t_inter
 def test_the_budget_table_reads_as_markdown_with_its_intervals():
     runs = [_run("DPO", seed, [(0, 0.0, 0.1), (50, 1.0, score)]) for seed, score in ((0, 0.5), (1, 0.7))]
     runs.append(_run("Best-of-N", 0, [(4, 0.64, 0.62)], "N=4"))
-    text = frontier.format_budget_table(frontier.budget_table(runs, budgets=(0.5, 1.0)))
+    runs.append(_run("SFT", 0, [(0, 0.0, 0.1)]))
+    table = frontier.budget_table(runs, budgets=(0.5, 1.0))
+    assert table[0]["budgets"][0.5]["only_start"] and not table[0]["budgets"][1.0]["only_start"]
+    text = frontier.format_budget_table(table)
     lines = text.splitlines()
     assert lines[0] == "| method | seeds | KL ≤ 0.5 | KL ≤ 1 |"
     half_width = 12.706205 * math.sqrt(0.02) / math.sqrt(2)  # t(0.975, 1) * std / sqrt(2)
-    assert lines[2] == f"| DPO | 2 | 0.100 ± 0.000 | 0.600 ± {half_width:.3f} |"
+    # Within 0.5 nats DPO's best is its start, the SFT model, in both seeds: marked, not a DPO score.
+    assert lines[2] == f"| DPO | 2 | (SFT) | 0.600 ± {half_width:.3f} |"
     assert lines[3] == "| Best-of-N | 1 |  | 0.620 |"  # nothing within 0.5 nats; one seed, no interval
-    assert "KL ≤ 0.5: DPO (0.100); KL ≤ 1: Best-of-N (0.620)" in text
+    assert lines[4] == "| SFT | 1 | 0.100 | 0.100 |"  # the SFT model's own row shows its score
+    assert "KL ≤ 0.5: SFT (0.100); KL ≤ 1: Best-of-N (0.620)" in text
 
 
 def test_the_plot_is_a_png(tmp_path):
