@@ -130,7 +130,8 @@ def write_budget_table(table, path, confidence=0.95):
 
 def plot_trajectories(runs, path):
     """The frontier (PNG): each run's trajectory (thin, its points joined in step order) and each
-    method's upper envelope of its seed-averaged points (thick), score against KL on a symlog axis."""
+    method's upper envelope of its seed-averaged points (thick, a staircase: the best score within
+    each KL), score against KL on a symlog axis."""
     from dpo_jax.evaluation import figure  # matplotlib, imported only to plot
 
     fig, axes = figure(size=(7.5, 5))
@@ -142,7 +143,9 @@ def plot_trajectories(runs, path):
                   alpha=0.3, linewidth=0.8, marker=".", markersize=3)
     for method, points in seed_averaged(runs).items():
         envelope = upper_envelope(points)
-        axes.plot(*zip(*envelope), color=colours[method], linewidth=2.2, marker="o", markersize=4, label=method)
+        # As steps: the envelope at x is the best score within a budget of x nats, no interpolation.
+        axes.plot(*zip(*envelope), color=colours[method], linewidth=2.2, marker="o", markersize=4, label=method,
+                  drawstyle="steps-post")
     axes.set_xscale("symlog", linthresh=1.0)
     axes.set_xlabel(r"KL($\pi \,\|\, \pi_\mathrm{SFT}$) per sequence (nats)")
     axes.set_ylabel("mean reward of held-out samples")
