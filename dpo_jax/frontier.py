@@ -83,13 +83,18 @@ def budget_table(runs, budgets, confidence=0.95):
     return rows
 
 
+def _only_start(row, cell):
+    """Whether a cell's value is the SFT start of a method that has no point of its own within it."""
+    return cell["only_start"] and row["method"] != "SFT"
+
+
 def leaders(table):
     """{budget: (method, mean)}: the method with the highest mean score within each budget, of those
     with points of their own there (the SFT model where none has)."""
     best = {}
     for row in table:
         for budget, cell in row["budgets"].items():
-            if cell["mean"] is None or (cell["only_start"] and row["method"] != "SFT"):
+            if cell["mean"] is None or _only_start(row, cell):
                 continue
             if budget not in best or cell["mean"] > best[budget][1]:
                 best[budget] = (row["method"], cell["mean"])
@@ -107,7 +112,7 @@ def format_budget_table(table, confidence=0.95):
             cell = row["budgets"][budget]
             if cell["mean"] is None:
                 cells.append("")
-            elif cell["only_start"] and row["method"] != "SFT":
+            elif _only_start(row, cell):
                 cells.append("(SFT)")
             else:
                 cells.append(f"{cell['mean']:.3f}" + (f" ± {cell['interval']:.3f}" if cell["interval"] is not None
