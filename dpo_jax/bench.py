@@ -2,16 +2,21 @@ r"""Benchmarks: `python -m dpo_jax.bench --config=configs/bench_hh.py [--config.
 
 Modes:
   step          (default) The DPO train step on the config's data and model, after warm-up and
-                excluding compilation: pairs/s, real and padded tokens/s, model FLOPs per step, MFU
-                against the device's peak (CPU: a matmul probe run first; TPU/GPU: the vendor figure),
-                compile seconds, peak memory, and the time per phase (policy forward+backward,
-                reference forward, optimizer, input pipeline wait). `config.bench` switches the levers.
-                --compare=trl also runs TRL's DPOTrainer on the same pairs, tokenizer, architecture and
-                batch in a subprocess, and prints the ratio. --ab_config=<config> measures a second
-                config against the first in the same process, in alternating rounds (a lever's
-                on/off ratio on a shared machine):
+                excluding compilation, in `bench.rounds` rounds of `bench.steps` steps: pairs/s, real
+                and padded tokens/s, CPU-seconds per pair, model FLOPs per step, MFU against the
+                device's peak (CPU: a matmul probe re-run before every round, MFU against its median
+                with its range; TPU/GPU: the vendor figure), compile seconds, peak memory, and the
+                time per phase (policy forward+backward, reference forward, optimizer, input wait).
+                `config.bench` switches the levers.
+                --compare=trl also runs TRL's DPOTrainer on the same pairs, tokenizer, architecture
+                (any family `dpo_jax.models.hf` writes) and batch, in a subprocess whose rounds
+                alternate with dpo_jax's: the ratio is the median of the per-round ratios, with their
+                range. --ab_config=<config> measures a second config against the first in the same
+                process, in the same alternating rounds (a lever's on/off ratio):
                   python -m dpo_jax.bench --config=configs/bench_hh.py \
                       --ab_config=configs/bench_hh.py --ab_config.bench.prefetch=False
+  --suite       --compare=trl on every shape of SUITE (configs/bench_hh.py's args), each in its own
+                process: one JSON per shape and the markdown table in --suite_dir.
   state_memory  Train-state bytes per device of the DPO stage under each reference strategy, from
                 shapes alone on the local devices.
   logps         Sequence log-probs (forward and backward, from the final hidden states) on one
@@ -32,6 +37,7 @@ The last line printed is one JSON object with the figures.
 """
 
 import collections
+import contextlib
 import dataclasses
 import functools
 import json
@@ -39,6 +45,7 @@ import math
 import os
 import queue
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -58,7 +65,7 @@ from dpo_jax import device_check, losses, models, planning, reference, sharding,
 from dpo_jax.configs import bench_config, validation
 from dpo_jax.data import loader, task, tokenize
 from dpo_jax.metrics import METRICS_LAG
-from dpo_jax.models import kernels, sampling, transformer
+from dpo_jax.models import hf, kernels, sampling, transformer
 from dpo_jax.stages import dpo as dpo_stage
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_hh.py", "Config file.", lock_config=False)
@@ -73,7 +80,12 @@ _LOGPS_VOCAB_SIZES = flags.DEFINE_list("logps_vocab_sizes", ["8192", "65536"], "
 _AB_CONFIG = config_flags.DEFINE_config_file(
     "ab_config", None, "step mode: a second config (B) measured against --config (A) in the same process, "
     "e.g. --ab_config=configs/bench_hh.py --ab_config.bench.prefetch=False.", lock_config=False)
-_TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this spec file and print JSON.")
+_TRL_WORKER = flags.DEFINE_string("trl_worker", "", "Internal: run TRL on this spec file, in rounds asked on stdin.")
+_SUITE = flags.DEFINE_bool("suite", False, "Every shape of SUITE beside TRL, each in its own process: one JSON "
+                           "per shape and a markdown table in --suite_dir.")
+_SUITE_DIR = flags.DEFINE_string("suite_dir", "", "--suite: where the JSON files and suite.md go "
+                                 "(default: <bench.workdir>/suite).")
+_SUITE_SHAPES = flags.DEFINE_list("suite_shapes", [], "--suite: the shapes to run (default: all of SUITE).")
 _DEVICE_CHECK_WORKDIR = flags.DEFINE_string(
     "device_check_workdir", "", "device_check: where its run, prepared data and tokenizer go (default: a "
     "temporary directory, removed at the end).")
@@ -86,6 +98,30 @@ _DEVICE_CHECK_SIZE = flags.DEFINE_enum("device_check_size", "standard", ["standa
 # bench.attention_block_size=-1 on CPU: blocks of 128 (queries x keys) skip most of a packed row
 # of prefix-shared HH pairs while keeping each block's matmuls large enough to be efficient.
 DEFAULT_CPU_ATTENTION_BLOCK = 128
+# Keys of Hugging Face configs that set dropout: zeroed for TRL, since dpo_jax trains without any.
+TRL_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout",
+                "summary_first_dropout")
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteShape:
+    """A shape of `--suite`: the `configs/bench_hh.py` args that make it, and the ratio to TRL it aims at."""
+    arg: str
+    target: float
+    what: str
+
+
+SUITE = {
+    "a_default": SuiteShape("", 8.0, "GPT-2 4x256, packed prefix-shared rows, live reference"),
+    "b_gpt2_6x512": SuiteShape("model=gpt2_6x512", 5.0, "GPT-2 6x512, 8 heads"),
+    "c_llama_6x512": SuiteShape("model=llama_6x512", 5.0, "Llama 6x512 (GQA 8/2 heads, SwiGLU, RoPE, untied)"),
+    "d_long": SuiteShape("long", 5.0, "HH up to 1024 tokens (prompts up to 768), rows of 2048"),
+    "e_padded": SuiteShape("layout=padded", 2.0, "padded layout: one pair per row, as TRL has it"),
+    "f_precomputed": SuiteShape("reference=precomputed", 8.0, "precomputed reference on both sides"),
+}
+# The fields of each shape in --suite's last line (the shape's JSON file has them all).
+SUITE_SUMMARY = ("pairs_per_sec", "trl_ratio", "trl_ratio_range", "target", "trl_cpu_ratio", "mfu",
+                 "peak_flops_range", "compile_sec", "peak_memory_bytes", "trl_memory_ratio")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -499,14 +535,16 @@ def matmul_peak(dtype, size, repeats=5):
     return 2 * size ** 3 / best
 
 
-def _peak_flops(config, options):
-    """(peak FLOP/s of the devices, where the figure comes from)."""
+def _peak_probe(config):
+    """(a function giving the devices' peak FLOP/s now, where its figure comes from). A CPU's peak
+    moves with the machine's load, so its probe is re-run before every timed round."""
     device = jax.devices()[0]
     vendor = _vendor_peak(device)
     if device.platform != "cpu" and vendor:
-        return vendor * jax.device_count(), f"vendor {device.device_kind}"
+        return (lambda: vendor * jax.device_count()), f"vendor {device.device_kind}"
     # All CPU devices of a process share its cores: one probe measures them all.
-    return matmul_peak(jnp.dtype(config.model.dtype), options.matmul_probe_size), "matmul probe"
+    dtype, size = jnp.dtype(config.model.dtype), config.bench.matmul_probe_size
+    return (lambda: matmul_peak(dtype, size)), "matmul probe"
 
 
 def _peak_rss():
@@ -668,6 +706,21 @@ def phase_seconds(stage, model, decoder_config, state, batch, repeats):
 
 
 @dataclasses.dataclass
+class Round:
+    """One side's timed steps in one round."""
+    seconds: float        # wall-clock
+    cpu_seconds: float    # the process's CPU time over them, all threads: less sensitive to contention
+    pairs: int
+    real_tokens: int
+    waited: float = 0.0   # dpo_jax: seconds waiting for input
+    stats: tuple = ()     # dpo_jax: `batch_stats` of the round's batches
+
+    @property
+    def pairs_per_sec(self):
+        return self.pairs / self.seconds
+
+
+@dataclasses.dataclass
 class _Benchmark:
     """One benchmarked configuration, compiled and ready to step: batch `i` is `fetch(i)`."""
     config: Any
@@ -685,11 +738,15 @@ class _Benchmark:
     next_index: int = 0
 
     def run(self, num_steps):
-        """Steps through the next `num_steps` batches: (seconds, seconds waiting for input, their stats)."""
+        """Steps through the next `num_steps` batches: their `Round`."""
         indices = range(self.next_index, self.next_index + num_steps)
+        cpu_started = time.process_time()
         self.state, seconds, waited = _run_steps(self.compiled, self.state, self.fetch, indices, self.config.bench)
+        cpu_seconds = time.process_time() - cpu_started
         self.next_index += num_steps
-        return seconds, waited, [self.stats[i] for i in indices]
+        stats = tuple(self.stats[i] for i in indices)
+        return Round(seconds, cpu_seconds, sum(s["pairs"] for s in stats), sum(s["real_tokens"] for s in stats),
+                     waited, stats)
 
 
 def _prepare(config, num_batches):
@@ -735,9 +792,13 @@ def _prepare(config, num_batches):
                       precompute_sec, mean_pairs_per_step(arrays, config.train.global_batch_size))
 
 
-def _report(bench, seconds, waited, stats, peak_flops, peak_source):
-    """The result fields of timed steps (`stats` of their batches, `seconds` in all), phases measured now."""
+def _report(bench, rounds, probes, peak_source):
+    """The result fields of the timed `rounds` (MFU against the median of the peak `probes` taken
+    before them), phases measured now."""
     config, options = bench.config, bench.config.bench
+    stats = [s for r in rounds for s in r.stats]
+    seconds, waited = sum(r.seconds for r in rounds), sum(r.waited for r in rounds)
+    peak_flops = statistics.median(probes)
     num_steps = len(stats)
     totals = {key: sum(s[key] for s in stats) for key in stats[0]}
     live = dpo_stage.reference_mode(config.dpo) == "live"
@@ -750,16 +811,18 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
     result = {
         "mode": "step", "backend": jax.default_backend(), "devices": bench.mesh.size, "dtype": config.model.dtype,
         "layout": config.data.layout, "reference": dpo_stage.reference_mode(config.dpo) or "none",
-        "steps": num_steps,
+        "steps": num_steps, "rounds": len(rounds),
         "pairs_per_step": totals["pairs"] / num_steps,
         "pairs_per_sec": totals["pairs"] / seconds,
         "tokens_per_sec": totals["real_tokens"] / seconds,
         "padded_tokens_per_sec": totals["padded_tokens"] / seconds,
         "padding_fraction": 1 - totals["real_tokens"] / totals["padded_tokens"],
+        "round_pairs_per_sec": [r.pairs_per_sec for r in rounds],
+        "cpu_sec_per_pair": sum(r.cpu_seconds for r in rounds) / totals["pairs"],
         "step_sec": seconds / num_steps,
         "model_flops_per_step": totals["model_flops"] / num_steps,
         "xla_flops_per_step": (first.cost_analysis() or {}).get("flops"),
-        "peak_flops": peak_flops, "peak_flops_source": peak_source,
+        "peak_flops": peak_flops, "peak_flops_range": [min(probes), max(probes)], "peak_flops_source": peak_source,
         "mfu": totals["model_flops"] / seconds / peak_flops,
         "compile_sec": bench.compile_sec, "compiles": len(bench.compiled),
         "precompute_reference_sec": bench.precompute_sec,
@@ -770,11 +833,14 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
         "phase_sec": phases,
         "levers": {key: options[key] for key in ("prefetch", "donate", "lagged_metrics", "length_buckets",
                                                  "compilation_cache_dir")}
-                  | {key: config.model[key] for key in ("remat", "attention_block_size", "logits_chunk_size")},
+                  | {key: config.model[key] for key in ("remat", "attention_block_size", "fused_qkv",
+                                                      "logits_chunk_size")},
     }
     print(f"{result['pairs_per_sec']:.2f} pairs/s, {result['tokens_per_sec']:,.0f} real tokens/s "
           f"({result['padded_tokens_per_sec']:,.0f} padded), {result['model_flops_per_step'] / 1e9:.1f} GFLOP/step, "
-          f"MFU {result['mfu']:.1%}, compile {bench.compile_sec:.1f} s ({len(bench.compiled)}), "
+          f"MFU {result['mfu']:.1%} of the median peak {peak_flops / 1e9:,.1f} GFLOP/s ({peak_source}, "
+          f"{min(probes) / 1e9:,.1f}-{max(probes) / 1e9:,.1f} over {len(probes)} rounds), "
+          f"compile {bench.compile_sec:.1f} s ({len(bench.compiled)}), "
           f"peak memory {peak_memory_bytes / 2**20:,.0f} MiB ({peak_memory_source})")
     print("per step: " + ", ".join(f"{name} {value * 1e3:.1f} ms" for name, value in phases.items()
                                    if name != "policy_attention")
@@ -784,63 +850,95 @@ def _report(bench, seconds, waited, stats, peak_flops, peak_source):
 
 
 def _start(config):
-    """Process-wide settings of the benchmark, the config resolved, and the devices' peak FLOP/s."""
+    """Process-wide settings of the benchmark, the config resolved: (peak probe, its source)."""
     options = config.bench
     os.makedirs(options.workdir, exist_ok=True)
     if options.compilation_cache_dir:
         jax.config.update("jax_compilation_cache_dir", options.compilation_cache_dir)
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)  # cache the small programs too
     _resolve(config, options.workdir)
-    peak_flops, peak_source = _peak_flops(config, options)
-    print(f"peak {peak_flops / 1e9:,.1f} GFLOP/s ({peak_source}, {config.model.dtype})")
-    return peak_flops, peak_source
+    return _peak_probe(config)
+
+
+def alternate(sides, rounds, probe):
+    """`rounds` rounds in which each of `sides` (name -> a function timing one round) runs in turn,
+    with `probe` (the peak FLOP/s) re-run before each: ({name: [Round]}, [probe figures]). Both sides
+    see the machine as it is in each round, so a per-round ratio cancels what load does to both."""
+    timed, probes = {name: [] for name in sides}, []
+    for index in range(rounds):
+        probes.append(probe())
+        for name, run in sides.items():
+            timed[name].append(run())
+        print(f"round {index + 1}/{rounds}: " + ", ".join(f"{name} {timed[name][-1].pairs_per_sec:.2f} pairs/s"
+                                                            for name in sides), flush=True)
+    return timed, probes
+
+
+def round_ratios(a_rounds, b_rounds):
+    """A against B from alternated rounds: the median of the per-round ratios of pairs/s with their
+    range, and B's CPU-seconds per pair over A's."""
+    ratios = [a.pairs_per_sec / b.pairs_per_sec for a, b in zip(a_rounds, b_rounds, strict=True)]
+    cpu_per_pair = [sum(r.cpu_seconds for r in rounds) / sum(r.pairs for r in rounds)
+                    for rounds in (a_rounds, b_rounds)]
+    return {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios), "rounds": ratios,
+            "cpu_sec_per_pair": cpu_per_pair[1] / cpu_per_pair[0]}
+
+
+def _format_ratio(ratio):
+    return (f"{ratio['median']:.2f}x (median of {len(ratio['rounds'])} rounds, {ratio['min']:.2f}-{ratio['max']:.2f}; "
+            f"CPU-seconds per pair {ratio['cpu_sec_per_pair']:.2f}x)")
 
 
 def step_benchmark(config, compare):
-    peak = _start(config)
+    """The step benchmark of `config`; with compare="trl", TRL's DPOTrainer on the same pairs in a
+    subprocess, its rounds alternated with dpo_jax's."""
+    probe, peak_source = _start(config)
     options = config.bench
-    bench = _prepare(config, options.warmup_steps + options.steps)
+    bench = _prepare(config, options.warmup_steps + options.rounds * options.steps)
     bench.run(options.warmup_steps)
-    result = _report(bench, *bench.run(options.steps), *peak)
+    sides = {"dpo_jax": functools.partial(bench.run, options.steps)}
+    with contextlib.ExitStack() as stack:
+        if compare == "trl":  # started after dpo_jax's warm-up, and warmed up before the first round
+            worker = stack.enter_context(TRLWorker(trl_spec(config, bench.mean_pairs_per_step), options.workdir))
+            sides["trl"] = functools.partial(worker.run, options.trl_steps or options.steps)
+        timed, probes = alternate(sides, options.rounds, probe)
+        result = _report(bench, timed["dpo_jax"], probes, peak_source)
+        if compare == "trl":
+            result["trl"] = worker.finish(timed["trl"])
     if compare == "trl":
-        result["trl"] = compare_trl(config, options, bench.mean_pairs_per_step)
-        result["trl_ratio"] = result["pairs_per_sec"] / result["trl"]["pairs_per_sec"]
-        print(f"TRL {result['trl']['pairs_per_sec']:.2f} pairs/s ({result['trl']['pairs_per_step']} pairs per step); "
-              f"dpo_jax / TRL = {result['trl_ratio']:.2f}x")
+        ratio = round_ratios(timed["dpo_jax"], timed["trl"])
+        result.update(trl_ratio=ratio["median"], trl_ratio_range=[ratio["min"], ratio["max"]],
+                      trl_round_ratios=ratio["rounds"], trl_cpu_ratio=ratio["cpu_sec_per_pair"],
+                      trl_memory_ratio=result["trl"]["peak_memory_bytes"] / result["peak_memory_bytes"])
+        print(f"TRL {result['trl']['pairs_per_sec']:.2f} pairs/s ({result['trl']['pairs_per_step']} pairs per step, "
+              f"peak memory {result['trl']['peak_memory_bytes'] / 2**20:,.0f} MiB); dpo_jax / TRL = "
+              + _format_ratio(ratio))
     return result
 
 
 def ab_benchmark(config, other):
     """`config` (A) against `other` (B) in one process: after both compile and warm up, rounds of
-    `bench.steps` steps alternate between them, so both see the same machine; the ratio is of the
-    medians over rounds of pairs/s. (The persistent compilation cache and XLA_FLAGS are process-wide:
-    compare those across processes.)"""
-    peak = _start(config)
+    `bench.steps` steps alternate between them, so both see the same machine; the ratio is the
+    median of the per-round ratios of pairs/s. (The persistent compilation cache and XLA_FLAGS are
+    process-wide: compare those across processes.)"""
+    probe, peak_source = _start(config)
     _resolve(other, other.bench.workdir)
     options = config.bench
-    rounds, num_steps = options.ab_rounds, options.steps
-    benches = {"a": _prepare(config, options.warmup_steps + rounds * num_steps),
-               "b": _prepare(other, options.warmup_steps + rounds * num_steps)}
+    benches = {"a": _prepare(config, options.warmup_steps + options.rounds * options.steps),
+               "b": _prepare(other, options.warmup_steps + options.rounds * options.steps)}
     for bench in benches.values():
         bench.run(options.warmup_steps)
-    timed = {name: [] for name in benches}
-    for _ in range(rounds):
-        for name, bench in benches.items():
-            timed[name].append(bench.run(num_steps))
-    results, round_rates = {}, {}
+    timed, probes = alternate({name: functools.partial(bench.run, options.steps) for name, bench in benches.items()},
+                              options.rounds, probe)
+    results = {}
     for name, bench in benches.items():
         print(f"{name.upper()}:")
-        stats = [s for _, _, batch_stats_ in timed[name] for s in batch_stats_]
-        seconds, waited = (sum(t[i] for t in timed[name]) for i in (0, 1))
-        results[name] = _report(bench, seconds, waited, stats, *peak)
-        round_rates[name] = [sum(s["pairs"] for s in round_stats) / round_seconds
-                             for round_seconds, _, round_stats in timed[name]]
-    medians = {name: statistics.median(rates) for name, rates in round_rates.items()}
-    ratio = medians["a"] / medians["b"]
-    print(f"A {medians['a']:.2f} pairs/s, B {medians['b']:.2f} pairs/s (medians of {rounds} rounds): "
-          f"A / B = {ratio:.2f}x")
-    return {"mode": "ab", "rounds": rounds, "round_pairs_per_sec": round_rates, "median_pairs_per_sec": medians,
-            "ratio": ratio, "a": results["a"], "b": results["b"]}
+        results[name] = _report(bench, timed[name], probes, peak_source)
+    ratio = round_ratios(timed["a"], timed["b"])
+    print("A / B = " + _format_ratio(ratio))
+    return {"mode": "ab", "rounds": options.rounds, "ratio": ratio["median"],
+            "ratio_range": [ratio["min"], ratio["max"]], "round_ratios": ratio["rounds"],
+            "cpu_ratio": ratio["cpu_sec_per_pair"], "a": results["a"], "b": results["b"]}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -877,37 +975,104 @@ def _padded_pairs(config, total_steps, pairs_per_step):
     return pairs
 
 
-def compare_trl(config, options, pairs_per_step):
-    """Runs TRL's DPOTrainer in a subprocess on the same pairs, tokenizer, architecture and batch
-    (`pairs_per_step`: dpo_jax's average, `mean_pairs_per_step`)."""
-    trl_steps = options.trl_steps or options.steps
-    pairs = _padded_pairs(config, options.warmup_steps + trl_steps, pairs_per_step)
-    c = config.model
-    spec = {"pairs": pairs, "pairs_per_step": pairs_per_step, "warmup_steps": options.warmup_steps,
-            "steps": trl_steps, "tokenizer": config.data.tokenizer, "max_length": config.data.max_length,
-            "vocab_size": c.vocab_size, "num_layers": c.num_layers, "embed_dim": c.embed_dim,
-            "num_heads": c.num_heads, "mlp_dim": c.mlp_dim, "max_position_embeddings": c.max_position_embeddings,
+def trl_spec(config, pairs_per_step):
+    """What the TRL worker runs: the same pairs (in dpo_jax's order), tokenizer, architecture (as a
+    Hugging Face config.json), optimizer settings and reference strategy, `pairs_per_step` pairs per
+    step (dpo_jax's average, `mean_pairs_per_step`)."""
+    options = config.bench
+    steps_per_round = options.trl_steps or options.steps
+    pairs = _padded_pairs(config, options.warmup_steps + options.rounds * steps_per_round, pairs_per_step)
+    return {"pairs": pairs, "pairs_per_step": pairs_per_step, "warmup_steps": options.warmup_steps,
+            "hf_config": hf.hf_config_dict(models.decoder_config(config.model)),
+            "tokenizer": config.data.tokenizer, "max_length": config.data.max_length,
             "learning_rate": config.dpo.learning_rate, "beta": config.dpo.beta, "seed": config.seed,
             "grad_clip_norm": config.train.grad_clip_norm, "bf16": config.model.dtype == "bfloat16",
-            "precompute_ref_log_probs": config.dpo.reference == "precomputed"}
-    with tempfile.TemporaryDirectory(dir=options.workdir) as scratch:
-        spec_path = os.path.join(scratch, "spec.json")
+            "precompute_ref_log_probs": dpo_stage.reference_mode(config.dpo) == "precomputed",
+            "gradient_checkpointing": options.trl_gradient_checkpointing}
+
+
+class TRLWorker:
+    """TRL's DPOTrainer in a subprocess (`--trl_worker`) that times a round of steps on request and
+    waits in between, so that its rounds alternate with dpo_jax's on one machine. One JSON line
+    answers each request on its stdout; its stderr goes to a file, quoted when it fails."""
+
+    def __init__(self, spec, workdir):
+        self._scratch = tempfile.TemporaryDirectory(dir=workdir)
+        spec_path = os.path.join(self._scratch.name, "spec.json")
         with open(spec_path, "w", encoding="utf-8") as f:
             json.dump(spec, f)
-        process = subprocess.run([sys.executable, "-m", "dpo_jax.bench", f"--trl_worker={spec_path}"],
-                                 capture_output=True, text=True, check=False,
-                                 cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    if process.returncode != 0:
-        raise RuntimeError(f"The TRL run failed ({process.returncode}):\n{process.stderr[-4000:]}")
-    return json.loads(process.stdout.strip().splitlines()[-1])
+        self._log = open(os.path.join(self._scratch.name, "stderr.log"), "w+", encoding="utf-8")
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "dpo_jax.bench", f"--trl_worker={spec_path}"], stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE, stderr=self._log, text=True,
+            cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        try:
+            self._receive()  # built and warmed up
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc_info):
+        if self._process.poll() is None:
+            self._process.kill()
+            self._process.wait()
+        self._log.close()
+        self._scratch.cleanup()
+
+    def _failure(self):
+        code = self._process.wait()
+        self._log.seek(0)
+        return RuntimeError(f"The TRL run failed ({code}):\n{self._log.read()[-4000:]}")
+
+    def _request(self, line):
+        try:
+            self._process.stdin.write(line + "\n")
+            self._process.stdin.flush()
+        except BrokenPipeError:
+            raise self._failure() from None
+        return self._receive()
+
+    def _receive(self):
+        line = self._process.stdout.readline()
+        if not line:
+            raise self._failure()
+        return json.loads(line)
+
+    def run(self, num_steps):
+        """Times the next `num_steps` TRL steps: their `Round`."""
+        timed = self._request(str(num_steps))
+        return Round(timed["seconds"], timed["cpu_seconds"], timed["pairs"], timed["real_tokens"])
+
+    def finish(self, rounds):
+        """Ends the run: TRL's result fields over its timed `rounds`, and what it ran with."""
+        summary = self._request("stop")
+        self._process.wait()
+        seconds, pairs = sum(r.seconds for r in rounds), sum(r.pairs for r in rounds)
+        steps = pairs // summary["pairs_per_step"]
+        return {"pairs_per_sec": pairs / seconds, "tokens_per_sec": sum(r.real_tokens for r in rounds) / seconds,
+                "step_sec": seconds / steps, "steps": steps, "rounds": len(rounds),
+                "round_pairs_per_sec": [r.pairs_per_sec for r in rounds],
+                "cpu_sec_per_pair": sum(r.cpu_seconds for r in rounds) / pairs, **summary}
 
 
 def trl_worker(spec_path):
-    """TRL's DPOTrainer on CPU PyTorch, timed per optimizer step after warm-up (run in a subprocess)."""
+    """TRL's DPOTrainer on CPU PyTorch after its warm-up steps, timing rounds of steps that the
+    parent asks for on stdin (a number of steps, or `stop`); run in a subprocess by `TRLWorker`."""
     import datasets
     import torch
     import transformers
     import trl
+
+    # The protocol keeps the real stdout; whatever the libraries print goes to stderr.
+    protocol = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
+
+    def send(message):
+        protocol.write(json.dumps(message) + "\n")
+        protocol.flush()
 
     with open(spec_path, encoding="utf-8") as f:
         spec = json.load(f)
@@ -917,15 +1082,19 @@ def trl_worker(spec_path):
         eos_token = json.load(f)["eos_token"]
     tokenizer = transformers.PreTrainedTokenizerFast(tokenizer_file=os.path.join(tokenizer_dir, "tokenizer.json"),
                                                      eos_token=eos_token, pad_token=eos_token)
-    gpt2 = transformers.GPT2Config(
-        vocab_size=spec["vocab_size"], n_positions=spec["max_position_embeddings"], n_embd=spec["embed_dim"],
-        n_layer=spec["num_layers"], n_head=spec["num_heads"], n_inner=spec["mlp_dim"],
-        activation_function="gelu_new", resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-        bos_token_id=tokenizer.eos_token_id, eos_token_id=tokenizer.eos_token_id)
-    policy = transformers.GPT2LMHeadModel(gpt2)
+    fields = {k: v for k, v in spec["hf_config"].items() if k not in ("model_type", "architectures", "torch_dtype")}
+    hf_config = transformers.AutoConfig.for_model(spec["hf_config"]["model_type"], **fields,
+                                                  bos_token_id=tokenizer.eos_token_id,
+                                                  eos_token_id=tokenizer.eos_token_id)
+    for name in TRL_DROPOUTS:  # dpo_jax trains without dropout; GPT-2's config defaults to 0.1
+        if hasattr(hf_config, name):
+            setattr(hf_config, name, 0.0)
+    policy = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
+                                                           torch_dtype=torch.float32)
     reference_model = None
     if not spec["precompute_ref_log_probs"]:
-        reference_model = transformers.GPT2LMHeadModel(gpt2)
+        reference_model = transformers.AutoModelForCausalLM.from_config(hf_config, attn_implementation="sdpa",
+                                                                        torch_dtype=torch.float32)
         reference_model.load_state_dict(policy.state_dict())
 
     class PreTokenizedDPOTrainer(trl.DPOTrainer):
@@ -937,43 +1106,117 @@ def trl_worker(spec_path):
         def _get_train_sampler(self, *args, **kwargs):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
-    step_ends = []
+    pairs, pairs_per_step = spec["pairs"], spec["pairs_per_step"]
 
-    class StepTimer(transformers.TrainerCallback):
+    class Rounds(transformers.TrainerCallback):
+        """At the end of warm-up and of each round: report, then wait for the next request."""
+
+        def __init__(self):
+            self.round_end, self.round_start, self.started = spec["warmup_steps"], None, None
+
         def on_step_end(self, args, state, control, **kwargs):
-            step_ends.append(time.perf_counter())
+            if state.global_step < self.round_end:
+                return
+            if self.round_start is None:
+                send({"ready": True})
+            else:
+                timed = pairs[self.round_start * pairs_per_step:state.global_step * pairs_per_step]
+                send({"seconds": time.perf_counter() - self.started[0],
+                      "cpu_seconds": time.process_time() - self.started[1], "pairs": len(timed),
+                      "real_tokens": sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"])
+                                         for p in timed)})
+            request = sys.stdin.readline().strip()
+            if request in ("", "stop"):
+                control.should_training_stop = True
+                return
+            self.round_start, self.round_end = state.global_step, state.global_step + int(request)
+            self.started = (time.perf_counter(), time.process_time())
 
-    total = spec["warmup_steps"] + spec["steps"]
+    total = len(pairs) // pairs_per_step
     with tempfile.TemporaryDirectory() as output_dir:
         args = trl.DPOConfig(
-            output_dir=output_dir, per_device_train_batch_size=spec["pairs_per_step"], max_length=spec["max_length"],
+            output_dir=output_dir, per_device_train_batch_size=pairs_per_step, max_length=spec["max_length"],
             max_steps=total, learning_rate=spec["learning_rate"], beta=spec["beta"], lr_scheduler_type="constant",
             max_grad_norm=spec["grad_clip_norm"], use_cpu=True, bf16=spec["bf16"], seed=spec["seed"],
             precompute_ref_log_probs=spec["precompute_ref_log_probs"], report_to=[], logging_steps=total + 1,
-            gradient_checkpointing=False,  # TRL 1.x defaults it on, recomputing the forward: slower, not a baseline
+            gradient_checkpointing=spec["gradient_checkpointing"],
             save_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
         trainer = PreTokenizedDPOTrainer(
             model=policy, ref_model=reference_model, args=args, processing_class=tokenizer,
-            train_dataset=datasets.Dataset.from_list(spec["pairs"]), callbacks=[StepTimer()])
+            train_dataset=datasets.Dataset.from_list(pairs), callbacks=[Rounds()])
         trainer.train()
-    seconds = step_ends[total - 1] - step_ends[spec["warmup_steps"] - 1]
-    timed = spec["pairs"][spec["warmup_steps"] * spec["pairs_per_step"]:]
-    real_tokens = sum(2 * len(p["prompt_ids"]) + len(p["chosen_ids"]) + len(p["rejected_ids"]) for p in timed)
-    return {"pairs_per_sec": len(timed) / seconds, "tokens_per_sec": real_tokens / seconds,
-            "step_sec": seconds / spec["steps"], "steps": spec["steps"], "pairs_per_step": spec["pairs_per_step"],
-            "torch_threads": torch.get_num_threads(),
-            "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
-            "attn_implementation": policy.config._attn_implementation,
-            # What TRL ran with, read back from the trainer rather than from what was asked.
-            "gradient_checkpointing": bool(trainer.model.is_gradient_checkpointing),
-            "precompute_ref_log_probs": bool(trainer.args.precompute_ref_log_probs), "bf16": bool(trainer.args.bf16),
-            "peak_memory_bytes": _peak_rss()}
+    send({"pairs_per_step": pairs_per_step, "torch_threads": torch.get_num_threads(),
+          "architecture": type(policy).__name__,
+          "versions": {"trl": trl.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
+          "attn_implementation": policy.config._attn_implementation,
+          # What TRL ran with, read back from the trainer rather than from what was asked.
+          "gradient_checkpointing": bool(trainer.model.is_gradient_checkpointing),
+          "precompute_ref_log_probs": bool(trainer.args.precompute_ref_log_probs), "bf16": bool(trainer.args.bf16),
+          "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
+          "peak_memory_bytes": _peak_rss()})
+
+
+# ---------------------------------------------------------------------------------------------
+# --suite
+# ---------------------------------------------------------------------------------------------
+
+def run_suite(config_spec, shapes, directory, overrides):
+    """Runs `python -m dpo_jax.bench --compare=trl` on each of `shapes` (names in SUITE), each in its
+    own process so that peak memory is its own: `<directory>/<shape>.json` and `suite.md`. The
+    `config_spec` (path[:args]) gets each shape's args; `overrides` are --config.* flags for all."""
+    path, _, base_arg = config_spec.partition(":")
+    os.makedirs(directory, exist_ok=True)
+    results = {}
+    for index, name in enumerate(shapes):
+        arg = ",".join(filter(None, (base_arg, SUITE[name].arg)))
+        command = [sys.executable, "-m", "dpo_jax.bench", f"--config={path}" + (f":{arg}" if arg else ""),
+                   "--compare=trl", *overrides]
+        print(f"[{index + 1}/{len(shapes)}] {name}: {SUITE[name].what}", flush=True)
+        started = time.perf_counter()
+        with subprocess.Popen(command, stdout=subprocess.PIPE, text=True) as process:
+            lines = []
+            for line in process.stdout:  # progress as it comes; the last line is the JSON
+                print(f"  {line}", end="", flush=True)
+                lines.append(line)
+        if process.returncode != 0 or not lines:
+            raise RuntimeError(f"--suite: shape {name} failed ({process.returncode}): {shlex.join(command)}")
+        result = json.loads(lines[-1])
+        result.update(shape=name, target=SUITE[name].target, what=SUITE[name].what,
+                      command=shlex.join(["python", *command[1:]]), wall_sec=time.perf_counter() - started)
+        with open(os.path.join(directory, f"{name}.json"), "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=1)
+        results[name] = result
+    table = format_suite_table(results)
+    with open(os.path.join(directory, "suite.md"), "w", encoding="utf-8") as f:
+        f.write(table)
+    print(table)
+    return {"mode": "suite", "directory": directory,
+            "shapes": {name: {key: r[key] for key in SUITE_SUMMARY} | {"trl_pairs_per_sec": r["trl"]["pairs_per_sec"]}
+                       for name, r in results.items()}}
+
+
+def format_suite_table(results):
+    """The markdown table of `--suite` results (shape name -> step result with `trl`)."""
+    lines = ["| shape | dpo_jax pairs/s | TRL pairs/s | dpo_jax / TRL (median, range) | target | "
+             "CPU-s per pair, TRL / dpo_jax | MFU (probe range, GFLOP/s) | compile | peak memory, dpo_jax / TRL |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for name, r in results.items():
+        low, high = r["trl_ratio_range"]
+        short = "met" if r["trl_ratio"] >= r["target"] else f"short by {1 - r['trl_ratio'] / r['target']:.0%}"
+        probe_low, probe_high = (value / 1e9 for value in r["peak_flops_range"])
+        lines.append(
+            f"| {name}: {r['what']} | {r['pairs_per_sec']:.2f} | {r['trl']['pairs_per_sec']:.2f} | "
+            f"**{r['trl_ratio']:.2f}x** ({low:.2f}-{high:.2f}, {r['rounds']} rounds) | >= {r['target']:g}x: {short} | "
+            f"{r['trl_cpu_ratio']:.2f}x | {r['mfu']:.1%} ({probe_low:.0f}-{probe_high:.0f}) | "
+            f"{r['compile_sec']:.1f} s | {r['peak_memory_bytes'] / 2**20:,.0f} / "
+            f"{r['trl']['peak_memory_bytes'] / 2**20:,.0f} MiB |")
+    return "\n".join(lines) + "\n"
 
 
 def main(argv):
     del argv
     if _TRL_WORKER.value:
-        print(json.dumps(trl_worker(_TRL_WORKER.value)))
+        trl_worker(_TRL_WORKER.value)
         return
     if _MODE.value == "device_check":  # builds its own configs; exit code 1 when a check failed
         result = device_check.run(device_check.Options(
@@ -982,7 +1225,15 @@ def main(argv):
         print(json.dumps(result))
         return 0 if result["ok"] else 1
     config = _CONFIG.value
-    if _PLAN.value:
+    if _SUITE.value:
+        unknown = sorted(set(_SUITE_SHAPES.value) - set(SUITE))
+        if unknown:
+            raise app.UsageError(f"--suite_shapes: {', '.join(unknown)} not in SUITE ({', '.join(SUITE)})")
+        workdir = config.bench.workdir if "bench" in config else bench_config().workdir
+        overrides = [a for a in sys.argv[1:] if a.startswith("--config.")]
+        result = run_suite(flags.FLAGS["config"].config_filename, _SUITE_SHAPES.value or list(SUITE),
+                           _SUITE_DIR.value or os.path.join(workdir, "suite"), overrides)
+    elif _PLAN.value:
         result = plan(config, _ACCELERATOR.value, _MESH.value)
     elif _MODE.value == "state_memory":
         result = state_memory(config)

@@ -357,7 +357,7 @@ def benchmark_config(size, hh_dir, workdir):
     config.dpo.update(reference="live", num_steps=1000, learning_rate=5e-6, warmup_steps=0)
     config.eval.batch_size = _multiple_of_devices(8)
     config.bench = bench_config()
-    config.bench.update(workdir=os.path.join(workdir, "bench"), steps=size.bench_steps,
+    config.bench.update(workdir=os.path.join(workdir, "bench"), rounds=1, steps=size.bench_steps,
                         warmup_steps=size.bench_warmup_steps, phase_repeats=size.bench_phase_repeats,
                         matmul_probe_size=size.matmul_probe_size)
     return config

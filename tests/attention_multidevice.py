@@ -34,8 +34,8 @@ def main(implementation):
     params = models.init_params(config.model, seed=1, shardings=None)
     reference_params = jax.tree.map(lambda p: p * 1.05, params)
 
-    def loss_and_grads(kernel, mesh=None, context=None):
-        model_config = {**config.model, "attention_kernel": kernel}
+    def loss_and_grads(kernel, mesh=None, context=None, fused_qkv=True):
+        model_config = {**config.model, "attention_kernel": kernel, "fused_qkv": fused_qkv}
         graphdef = models.abstract_model(model_config)[0]
         loss_fn = functools.partial(steps.dpo_loss, graphdef=graphdef, dpo_config=config.dpo)
         fn = jax.value_and_grad(lambda p, batch: loss_fn(p, reference_params, batch, None)[0])
@@ -52,7 +52,8 @@ def main(implementation):
                 jax.device_put(params, shardings), batch)
         return loss, grads, "shard_map" in jaxpr and "pallas_call" in jaxpr
 
-    expected_loss, expected_grads = loss_and_grads("dense")
+    # One device, dense attention and separate q, k, v matmuls: what each mesh's fused paths must equal.
+    expected_loss, expected_grads = loss_and_grads("dense", fused_qkv=False)
     results = {}
     rows_and_heads = dict(dcn=1, data=2, fsdp=2, tensor=2)
     rows = dict(dcn=1, data=8 if keep % 8 == 0 else 4, fsdp=1, tensor=-1)

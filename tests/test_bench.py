@@ -45,8 +45,19 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
     assert result["tokens_per_sec"] <= result["padded_tokens_per_sec"]
     assert result["reference_bytes"] > 0  # a live reference
     assert os.path.exists(os.path.join(tmp_path, "bpe512-hh_rlhf-harmless-base-test", "tokenizer.json"))
+    # Rounds: the probe re-run before each, MFU against its median.
+    assert result["rounds"] == len(result["round_pairs_per_sec"]) == 2 and result["steps"] == 4
+    low, high = result["peak_flops_range"]
+    assert low <= result["peak_flops"] <= high and result["cpu_sec_per_pair"] > 0
     if with_trl:
         assert result["trl"]["pairs_per_sec"] > 0 and result["trl_ratio"] > 0
+        # The ratio is the median of the per-round ratios, each dpo_jax's round over TRL's.
+        assert result["trl_round_ratios"] == pytest.approx(
+            [a / b for a, b in zip(result["round_pairs_per_sec"], result["trl"]["round_pairs_per_sec"])])
+        assert result["trl_ratio"] == pytest.approx(np.median(result["trl_round_ratios"]))
+        assert result["trl_ratio_range"] == [min(result["trl_round_ratios"]), max(result["trl_round_ratios"])]
+        assert result["trl_cpu_ratio"] == pytest.approx(result["trl"]["cpu_sec_per_pair"] / result["cpu_sec_per_pair"])
+        assert result["trl"]["steps"] == 4 and result["trl"]["architecture"] == "GPT2LMHeadModel"
         # TRL at its fastest correct configuration: no recomputed forward, the same reference strategy.
         assert result["trl"]["gradient_checkpointing"] is False
         assert result["trl"]["precompute_ref_log_probs"] is False and result["trl"]["attn_implementation"] == "sdpa"
@@ -54,6 +65,120 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
         bench._resolve(config, str(tmp_path))
         arrays = load_task(bench._without_bench(config)).pairs_train
         assert result["trl"]["pairs_per_step"] == bench.mean_pairs_per_step(arrays, config.train.global_batch_size)
+
+
+def _round(pairs_per_sec, cpu_sec_per_pair, pairs=8):
+    return bench.Round(seconds=pairs / pairs_per_sec, cpu_seconds=pairs * cpu_sec_per_pair, pairs=pairs,
+                       real_tokens=10 * pairs)
+
+
+def test_alternated_rounds_interleave_the_sides_after_a_probe_each():
+    calls = []
+    probes = iter([3.0, 1.0, 2.0])
+
+    def side(name, rate):
+        return lambda: calls.append(name) or _round(rate, 0.1)
+
+    def probe():
+        calls.append("probe")
+        return next(probes)
+
+    timed, figures = bench.alternate({"a": side("a", 4.0), "b": side("b", 2.0)}, 3, probe)
+    assert calls == ["probe", "a", "b"] * 3 and figures == [3.0, 1.0, 2.0]
+    assert [r.pairs_per_sec for r in timed["b"]] == pytest.approx([2.0] * 3)
+
+
+def test_round_ratios_take_the_median_of_per_round_ratios():
+    """A slow round slows both sides: its ratio, not the ratio of totals, is what a round says."""
+    a = [_round(10.0, 0.1), _round(2.0, 0.2), _round(12.0, 0.1)]
+    b = [_round(2.0, 0.5), _round(1.0, 0.5), _round(3.0, 0.5)]
+    ratio = bench.round_ratios(a, b)
+    assert ratio["rounds"] == pytest.approx([5.0, 2.0, 4.0])
+    assert (ratio["median"], ratio["min"], ratio["max"]) == pytest.approx((4.0, 2.0, 5.0))
+    # B's CPU-seconds per pair (0.5) over A's: (0.8 + 1.6 + 0.8) / 24 pairs.
+    assert ratio["cpu_sec_per_pair"] == pytest.approx(0.5 / (3.2 / 24))
+    with pytest.raises(ValueError):
+        bench.round_ratios(a, b[:2])  # unpaired rounds
+
+
+def test_the_suite_table_says_by_how_much_a_target_is_missed():
+    result = {"what": "w", "pairs_per_sec": 8.0, "trl": {"pairs_per_sec": 2.0, "peak_memory_bytes": 2 * 2**20},
+              "trl_ratio": 4.0, "trl_ratio_range": [3.5, 4.5], "rounds": 5, "target": 8.0, "trl_cpu_ratio": 3.0,
+              "mfu": 0.5, "peak_flops_range": [1e11, 2e11], "compile_sec": 6.0, "peak_memory_bytes": 2**20}
+    table = bench.format_suite_table({"x": result, "y": {**result, "target": 2.0}})
+    rows = table.splitlines()[2:]
+    assert len(rows) == 2
+    assert "**4.00x** (3.50-4.50, 5 rounds)" in rows[0] and ">= 8x: short by 50%" in rows[0]
+    assert ">= 2x: met" in rows[1] and "50.0% (100-200)" in rows[1] and "1 / 2 MiB" in rows[1]
+
+
+def test_bench_configs_refuse_an_unknown_model_and_zero_rounds():
+    with pytest.raises(ValueError, match="model='gpt3' is not one of gpt2_4x256"):
+        run_config("bench_hh", "model=gpt3")
+    config = run_config("bench_hh", "runlocal,synthetic")
+    config.bench.rounds = 0
+    with pytest.raises(ValueError, match=r"config.bench.rounds: must be >= 1, got 0"):
+        bench._resolve(config, "/nonexistent")  # pylint: disable=protected-access
+
+
+def test_the_llama_shape_is_a_llama_decoder_that_hugging_face_can_express():
+    """Shape (c): GQA, SwiGLU, RoPE, untied embeddings, as LlamaForCausalLM's config.json says it."""
+    from dpo_jax.models import hf  # pylint: disable=import-outside-toplevel
+    config = run_config("bench_hh", "model=llama_6x512")
+    decoder = models.decoder_config(config.model)
+    assert (decoder.num_layers, decoder.embed_dim, decoder.num_heads, decoder.num_kv_heads) == (6, 512, 8, 2)
+    exported = hf.hf_config_dict(decoder)
+    assert exported["architectures"] == ["LlamaForCausalLM"] and exported["num_key_value_heads"] == 2
+    assert exported["tie_word_embeddings"] is False and exported["hidden_act"] == "silu"
+
+
+@pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("trl", "torch", "transformers")),
+                    reason="needs the bench extra (trl, torch, transformers): pip install -e '.[bench]'")
+def test_a_failing_trl_worker_is_an_error_quoting_its_output(tmp_path):
+    spec = {"pairs": [], "pairs_per_step": 1, "warmup_steps": 1, "hf_config": {}, "seed": 0,
+            "tokenizer": str(tmp_path / "no-tokenizer")}
+    with pytest.raises(RuntimeError, match=r"(?s)The TRL run failed \(1\).*no-tokenizer"):
+        bench.TRLWorker(spec, str(tmp_path))
+    assert os.listdir(tmp_path) == []  # its scratch directory removed
+
+
+@pytest.mark.skipif(not os.path.isdir(HH_DIR), reason=f"needs the HH manual dir {HH_DIR}")
+@pytest.mark.skipif(not all(importlib.util.find_spec(name) for name in ("trl", "torch", "transformers")),
+                    reason="needs the bench extra (trl, torch, transformers): pip install -e '.[bench]'")
+def test_the_suite_writes_a_json_per_shape_and_the_table(tmp_path):
+    """Two shapes of the suite in the runlocal setting: the Llama one against LlamaForCausalLM, and
+    the precomputed reference on both sides."""
+    shapes = ["c_llama_6x512", "f_precomputed"]
+    summary = _last_json(run_python(
+        ["-m", "dpo_jax.bench", "--config=configs/bench_hh.py:runlocal", "--suite", f"--suite_dir={tmp_path}/suite",
+         f"--suite_shapes={','.join(shapes)}", f"--config.bench.workdir={tmp_path}"], timeout=900))
+    assert list(summary["shapes"]) == shapes
+    results = {}
+    for name in shapes:
+        with open(tmp_path / "suite" / f"{name}.json", encoding="utf-8") as f:
+            results[name] = json.load(f)
+        assert results[name]["trl_ratio"] == summary["shapes"][name]["trl_ratio"]
+        assert f"--config=configs/bench_hh.py:runlocal,{bench.SUITE[name].arg}" in results[name]["command"]
+    llama = results["c_llama_6x512"]
+    assert llama["trl"]["architecture"] == "LlamaForCausalLM" and llama["trl"]["gradient_checkpointing"] is False
+    precomputed = results["f_precomputed"]
+    assert precomputed["reference"] == "precomputed" and precomputed["reference_bytes"] == 0
+    assert precomputed["trl"]["precompute_ref_log_probs"] is True
+    table = (tmp_path / "suite" / "suite.md").read_text(encoding="utf-8").splitlines()
+    assert len(table) == 2 + len(shapes) and table[2].startswith("| c_llama_6x512: ")
+
+
+def test_ab_rounds_give_the_median_of_per_round_ratios(tmp_path):
+    result = _last_json(run_python(
+        ["-m", "dpo_jax.bench", "--config=configs/bench_hh.py:runlocal,synthetic", f"--config.bench.workdir={tmp_path}",
+         "--ab_config=configs/bench_hh.py:runlocal,synthetic", "--ab_config.bench.prefetch=False",
+         f"--ab_config.bench.workdir={tmp_path}"]))
+    rates = [result[side]["round_pairs_per_sec"] for side in ("a", "b")]
+    assert len(result["round_ratios"]) == result["rounds"] == 2
+    assert result["round_ratios"] == pytest.approx([a / b for a, b in zip(*rates)])
+    assert result["ratio"] == pytest.approx(np.median(result["round_ratios"])) and result["cpu_ratio"] > 0
+    assert result["a"]["peak_flops"] == result["b"]["peak_flops"]  # one probe per round for both
+    assert result["a"]["levers"]["prefetch"] and not result["b"]["levers"]["prefetch"]
 
 
 @pytest.mark.parametrize("layout", ["padded", "packed_prefix_shared"])

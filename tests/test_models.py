@@ -122,6 +122,31 @@ def test_token_logps_of_scored_tokens_equal_the_full_logits_path(preset):
         np.testing.assert_allclose(chunked, full, atol=1e-5)
 
 
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-gemma"])  # biases; grouped kv heads; one kv head
+def test_fused_qkv_gives_the_unfused_logits_and_gradients(preset):
+    """One matmul for q, k and v computes the three projections' numbers, forward and backward."""
+    fused, unfused = (random_model(preset, fused_qkv=flag) for flag in (True, False))  # the same parameters
+    assert all(block.attention._fusable() for block in fused.blocks)  # pylint: disable=protected-access
+    assert not any(block.attention._fusable() for block in unfused.blocks)  # pylint: disable=protected-access
+    x = tokens((2, 11), seed=14)
+    np.testing.assert_allclose(run(fused, x), run(unfused, x), atol=1e-5)
+    weights = jnp.asarray(np.random.RandomState(15).randn(2, 11, 64), jnp.float32)
+    grads = [jax.jit(jax.grad(lambda p, g=graphdef: jnp.sum(weights * models.apply(g, p, x))))(params)
+             for graphdef, params in (nnx.split(model, nnx.Param) for model in (fused, unfused))]
+    # float32 sums in another order: errors relative to the largest gradient entry (the key bias's
+    # gradient is 0 in exact arithmetic, round-off in float32)
+    scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(grads[1]))
+    for a, b in zip(jax.tree.leaves(grads[0]), jax.tree.leaves(grads[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * scale)
+
+
+def test_fused_qkv_steps_aside_for_lora_adapters_on_the_projections():
+    model = random_model("tiny-llama", fused_qkv=True, lora=dict(rank=2, alpha=4.0, targets=("query", "value")))
+    assert not model.blocks[0].attention._fusable()  # pylint: disable=protected-access
+    base = nnx.view(model, use_lora=False)  # adapters off: nothing stands in the way
+    assert base.blocks[0].attention._fusable()  # pylint: disable=protected-access
+
+
 def test_parameters_carry_the_logical_axis_names():
     _, abstract_params, specs = models.abstract_model(configs.model_config("tiny-llama", lora=dict(
         rank=4, alpha=8.0, targets=("query", "down"))))

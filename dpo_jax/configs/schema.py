@@ -165,8 +165,10 @@ def bench_config():
     """The `config.bench` block of `python -m dpo_jax.bench`: how it runs and which levers are on (all by default)."""
     return ml_collections.ConfigDict(dict(
         workdir="/tmp/dpo_jax_bench",     # TFDS data, the trained tokenizer, reference log-probs, TRL's files
-        steps=20,                         # timed steps
-        warmup_steps=3,                   # steps run before timing (after compilation)
+        rounds=5,                         # timed rounds; --compare=trl and --ab_config alternate the two sides
+                                          #   round by round, and the matmul probe is re-run before each
+        steps=4,                          # timed steps per round
+        warmup_steps=3,                   # steps run before timing (after compilation), at least 1
         phase_repeats=5,                  # runs of each separately jitted phase (the median is reported)
         compute_dtype="auto",             # model.dtype: auto = float32 on CPU, bfloat16 on TPU/GPU
         attention_block_size=-1,          # model.attention_block_size: -1 = auto: 128 on CPU (blockwise attention,
@@ -178,6 +180,6 @@ def bench_config():
         length_buckets=(),                # trim trailing padding columns to the smallest of these lengths that
                                           #   fits the batch, one compile per bucket used; () = the full row
         compilation_cache_dir="",         # JAX persistent compilation cache ("" = off): a rerun loads, not compiles
-        trl_steps=0,                      # --compare=trl: timed TRL steps (0 = as many as `steps`)
-        ab_rounds=3,                      # --ab_config: alternating rounds of `steps` steps per config
+        trl_steps=0,                      # --compare=trl: timed TRL steps per round (0 = as many as `steps`)
+        trl_gradient_checkpointing=False,  # --compare=trl: TRL's gradient checkpointing (its default is on)
     ))

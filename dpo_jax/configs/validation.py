@@ -251,6 +251,8 @@ def validate(config):
     if "bench" in config:
         _check(config.bench.compute_dtype in ("auto",) + DTYPES, "bench.compute_dtype",
                f"must be auto or one of {DTYPES}, got {config.bench.compute_dtype!r}")
+        for key in ("rounds", "steps", "warmup_steps"):  # a warm-up step separates compiling from timing
+            _check(config.bench[key] >= 1, f"bench.{key}", f"must be >= 1, got {config.bench[key]}")
 
     _validate_data(config)
     _validate_evaluation(config)
