@@ -44,6 +44,8 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
     assert 0 < result["mfu"] and 0 < result["pairs_per_sec"] <= result["tokens_per_sec"]
     assert result["tokens_per_sec"] <= result["padded_tokens_per_sec"]
     assert result["reference_bytes"] > 0  # a live reference
+    assert 0 < result["attention_pairs_attended"] < 1  # blockwise on CPU: some computed pairs are masked
+    assert result["levers"]["attention_block_size"] == bench.DEFAULT_CPU_ATTENTION_BLOCK
     assert os.path.exists(os.path.join(tmp_path, "bpe512-hh_rlhf-harmless-base-test", "tokenizer.json"))
     # Rounds: the probe re-run before each, MFU against its median.
     assert result["rounds"] == len(result["round_pairs_per_sec"]) == 2 and result["steps"] == 4
@@ -233,6 +235,19 @@ def test_attention_flops_count_the_pairs_the_model_attends(layout):
     counted = sum(bench._attended_pairs(arrays[key], arrays.get("branch_ids"))  # pylint: disable=protected-access
                   for key in arrays if key.endswith("segment_ids"))
     assert counted == expected
+
+
+def test_computed_attention_pairs_count_the_visible_blocks_by_hand():
+    """Blocks of 4 over rows of 8 slots: a 6-token sequence (21 pairs attended) needs blocks (0, 0),
+    (1, 0), (1, 1); two of 4 tokens (20 pairs) only the diagonal; padding attends nothing."""
+    count = lambda segments, branches=None, block=4: bench.computed_attention_pairs(
+        np.array(segments), None if branches is None else np.array(branches), block)
+    assert count([[1, 1, 1, 1, 1, 1, 0, 0]]) == 3 * 16
+    assert count([[1, 1, 1, 1, 2, 2, 2, 2]]) == 2 * 16
+    assert count([[1, 1, 1, 2, 2, 2, 0, 0]]) == 3 * 16  # the second sequence straddles a block boundary
+    # prefix-shared, blocks of 2: the rejected branch (blocks 2, 3) sees the prompt (block 0), not the chosen (1)
+    assert count([[1] * 8], [[0, 0, 1, 1, 2, 2, 2, 2]], block=2) == (1 + 2 + 2 + 3) * 4
+    assert count([[1, 1, 1, 1, 1, 1, 0, 0]], block=0) == 64  # dense: the whole row
 
 
 def _layout_rows_and_mask(layout, seed):

@@ -171,7 +171,7 @@ def bench_config():
         warmup_steps=3,                   # steps run before timing (after compilation), at least 1
         phase_repeats=5,                  # runs of each separately jitted phase (the median is reported)
         compute_dtype="auto",             # model.dtype: auto = float32 on CPU, bfloat16 on TPU/GPU
-        attention_block_size=-1,          # model.attention_block_size: -1 = auto: 128 on CPU (blockwise attention,
+        attention_block_size=-1,          # model.attention_block_size: -1 = auto: 64 on CPU (blockwise attention,
                                           #   masked blocks skipped), 0 on TPU/GPU (jax.nn.dot_product_attention)
         matmul_probe_size=2048,           # CPU peak: a square float matmul of this size, best of 5
         prefetch=True,                    # assemble and place batch i+1 in a thread while step i runs
