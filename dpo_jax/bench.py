@@ -198,21 +198,19 @@ def _attended_pairs(segment_ids, branch_ids=None):
     return total
 
 
-def computed_attention_pairs(segment_ids, branch_ids, block_size):
-    """(query, key) pairs the training attention computes over rows [rows, time]: all time x time of
-    each row on the dense path (`block_size` 0); with `blockwise_attention`, those of every
-    block_size x block_size block where the mask shows a pair, padding attending to nothing
-    (`transformer.positions_and_visibility`)."""
+def computed_attention_pairs(decoder_config, segment_ids, branch_ids=None, positions=None):
+    """(query, key) pairs the training attention of `decoder_config`'s dense path computes over rows
+    [rows, time]: all time x time of each row with `attention_block_size` 0; with
+    `blockwise_attention`, those of every block where the model's own mask
+    (`transformer.positions_and_visibility`) shows a pair."""
     rows, time = segment_ids.shape
+    block_size = decoder_config.attention_block_size
     if not block_size:
         return rows * time * time
-    index = np.arange(time)
-    mask = np.asarray(transformer.attention_mask(segment_ids, segment_ids, index, index))[:, 0]
-    if branch_ids is not None:
-        mask = mask & np.asarray(transformer.branch_mask(branch_ids))
-    mask = mask & (segment_ids != 0)[:, :, None]
+    _, visibility = transformer.positions_and_visibility(decoder_config, (rows, time), positions, segment_ids,
+                                                         branch_ids)
     padded = -(-time // block_size) * block_size
-    mask = np.pad(mask, ((0, 0), (0, padded - time), (0, padded - time)))
+    mask = np.pad(np.asarray(visibility.mask)[:, 0], ((0, 0), (0, padded - time), (0, padded - time)))
     blocks = mask.reshape(rows, padded // block_size, block_size, padded // block_size, block_size).any(axis=(2, 4))
     return int(blocks.sum()) * block_size * block_size
 
@@ -231,7 +229,8 @@ def batch_stats(host_batch, decoder_config, live_reference):
              else len(host_batch["chosen_input_ids"]))
     attended = sum(_attended_pairs(host_batch[key], host_batch.get("branch_ids")) for key in segment_keys)
     computed = 0 if decoder_config.fused_attention else sum(  # a fused kernel's blocks are its own: not counted
-        computed_attention_pairs(host_batch[key], host_batch.get("branch_ids"), decoder_config.attention_block_size)
+        computed_attention_pairs(decoder_config, host_batch[key], host_batch.get("branch_ids"),
+                                 host_batch.get(key.replace("segment_ids", "positions")))
         for key in segment_keys)
     forward = matmul_flops_per_token(decoder_config) * real_tokens + attention_flops_per_pair(decoder_config) * attended
     return {"pairs": pairs, "real_tokens": real_tokens, "padded_tokens": padded_tokens, "attended_pairs": attended,

@@ -14,7 +14,7 @@ import pytest
 from conftest import SHARED_DATA, config_path, host_devices, run_config, run_python
 from flax import nnx
 
-from dpo_jax import bench, models, steps
+from dpo_jax import bench, configs, models, steps
 from dpo_jax.data import layouts, loader
 from dpo_jax.data.task import load_task
 from dpo_jax.models import transformer
@@ -241,7 +241,8 @@ def test_computed_attention_pairs_count_the_visible_blocks_by_hand():
     """Blocks of 4 over rows of 8 slots: a 6-token sequence (21 pairs attended) needs blocks (0, 0),
     (1, 0), (1, 1); two of 4 tokens (20 pairs) only the diagonal; padding attends nothing."""
     count = lambda segments, branches=None, block=4: bench.computed_attention_pairs(
-        np.array(segments), None if branches is None else np.array(branches), block)
+        models.decoder_config(configs.model_config("tiny", attention_block_size=block)), np.array(segments),
+        None if branches is None else np.array(branches))
     assert count([[1, 1, 1, 1, 1, 1, 0, 0]]) == 3 * 16
     assert count([[1, 1, 1, 1, 2, 2, 2, 2]]) == 2 * 16
     assert count([[1, 1, 1, 2, 2, 2, 0, 0]]) == 3 * 16  # the second sequence straddles a block boundary
