@@ -1013,7 +1013,8 @@ def trl_spec(config, pairs_per_step):
             "hf_config": hf.hf_config_dict(models.decoder_config(config.model)),
             "tokenizer": config.data.tokenizer, "max_length": config.data.max_length,
             "learning_rate": config.dpo.learning_rate, "beta": config.dpo.beta, "seed": config.seed,
-            "grad_clip_norm": config.train.grad_clip_norm, "bf16": config.model.dtype == "bfloat16",
+            "grad_clip_norm": config.train.grad_clip_norm, "dtype": options.trl_dtype,
+            "matmul_probe_size": options.matmul_probe_size,
             "precompute_ref_log_probs": dpo_stage.reference_mode(config.dpo) == "precomputed",
             "gradient_checkpointing": options.trl_gradient_checkpointing}
 
@@ -1085,6 +1086,26 @@ class TRLWorker:
                 "cpu_sec_per_pair": sum(r.cpu_seconds for r in rounds) / pairs, **summary}
 
 
+def torch_matmul_peak(torch, dtype, size, repeats=5):
+    """FLOP/s of the best of `repeats` square `dtype` matmuls of `size` in PyTorch (the TRL side's
+    `matmul_peak`)."""
+    a, b = (torch.randn(size, size, dtype=dtype) for _ in range(2))
+    torch.matmul(a, b)
+    best = math.inf
+    for _ in range(repeats):
+        started = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - started)
+    return 2 * size ** 3 / best
+
+
+def trl_dtype(asked, peaks):
+    """TRL's compute dtype: `asked`, or for "auto" the faster by `peaks` (dtype name -> FLOP/s).
+    PyTorch's CPU bf16 matmuls use AMX or AVX-512 BF16 where the CPU has them, and are far slower
+    than float32 where it does not, so neither is right everywhere."""
+    return max(peaks, key=peaks.get) if asked == "auto" else asked
+
+
 def trl_worker(spec_path):
     """TRL's DPOTrainer on CPU PyTorch after its warm-up steps, timing rounds of steps that the
     parent asks for on stdin (a number of steps, or `stop`); run in a subprocess by `TRLWorker`."""
@@ -1134,6 +1155,9 @@ def trl_worker(spec_path):
             return torch.utils.data.SequentialSampler(self.train_dataset)
 
     pairs, pairs_per_step = spec["pairs"], spec["pairs_per_step"]
+    peaks = {name: torch_matmul_peak(torch, getattr(torch, name), spec["matmul_probe_size"])
+             for name in ("float32", "bfloat16")}
+    dtype = trl_dtype(spec["dtype"], peaks)
 
     class Rounds(transformers.TrainerCallback):
         """At the end of warm-up and of each round: report, then wait for the next request."""
@@ -1164,7 +1188,7 @@ def trl_worker(spec_path):
         args = trl.DPOConfig(
             output_dir=output_dir, per_device_train_batch_size=pairs_per_step, max_length=spec["max_length"],
             max_steps=total, learning_rate=spec["learning_rate"], beta=spec["beta"], lr_scheduler_type="constant",
-            max_grad_norm=spec["grad_clip_norm"], use_cpu=True, bf16=spec["bf16"], seed=spec["seed"],
+            max_grad_norm=spec["grad_clip_norm"], use_cpu=True, bf16=dtype == "bfloat16", seed=spec["seed"],
             precompute_ref_log_probs=spec["precompute_ref_log_probs"], report_to=[], logging_steps=total + 1,
             gradient_checkpointing=spec["gradient_checkpointing"],
             save_strategy="no", dataloader_num_workers=0, disable_tqdm=True)
@@ -1179,6 +1203,7 @@ def trl_worker(spec_path):
           # What TRL ran with, read back from the trainer rather than from what was asked.
           "gradient_checkpointing": bool(trainer.model.is_gradient_checkpointing),
           "precompute_ref_log_probs": bool(trainer.args.precompute_ref_log_probs), "bf16": bool(trainer.args.bf16),
+          "dtype_asked": spec["dtype"], "matmul_peak_flops": peaks,
           "dtype": str(next(trainer.model.parameters()).dtype).removeprefix("torch."),
           "peak_memory_bytes": _peak_rss()})
 

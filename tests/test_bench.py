@@ -63,6 +63,10 @@ def test_benchmark_runs_on_hh_and_ends_with_its_json(tmp_path):
         # TRL at its fastest correct configuration: no recomputed forward, the same reference strategy.
         assert result["trl"]["gradient_checkpointing"] is False
         assert result["trl"]["precompute_ref_log_probs"] is False and result["trl"]["attn_implementation"] == "sdpa"
+        # TRL's precision is its faster one on this host by its own matmul probe (bench.trl_dtype="auto").
+        peaks = result["trl"]["matmul_peak_flops"]
+        assert result["trl"]["dtype_asked"] == "auto" and set(peaks) == {"float32", "bfloat16"}
+        assert result["trl"]["bf16"] is (peaks["bfloat16"] > peaks["float32"])
         config = run_config("bench_hh", "runlocal")
         bench._resolve(config, str(tmp_path))
         arrays = load_task(bench._without_bench(config)).pairs_train
@@ -114,13 +118,23 @@ def test_the_suite_table_says_by_how_much_a_target_is_missed():
     assert ">= 2x: met" in rows[1] and "50.0% (100-200)" in rows[1] and "1 / 2 MiB" in rows[1]
 
 
-def test_bench_configs_refuse_an_unknown_model_and_zero_rounds():
+def test_bench_configs_refuse_an_unknown_model_zero_rounds_and_a_trl_dtype_it_cannot_run():
     with pytest.raises(ValueError, match="model='gpt3' is not one of gpt2_4x256"):
         run_config("bench_hh", "model=gpt3")
     config = run_config("bench_hh", "runlocal,synthetic")
     config.bench.rounds = 0
     with pytest.raises(ValueError, match=r"config.bench.rounds: must be >= 1, got 0"):
         bench._resolve(config, "/nonexistent")  # pylint: disable=protected-access
+    config = run_config("bench_hh", "runlocal,synthetic")
+    config.bench.trl_dtype = "float16"
+    with pytest.raises(ValueError, match=r"config.bench.trl_dtype: must be one of \('auto', 'float32', 'bfloat16'\)"):
+        bench._resolve(config, "/nonexistent")  # pylint: disable=protected-access
+
+
+def test_trl_dtype_auto_takes_the_faster_probe_and_otherwise_what_was_asked():
+    assert bench.trl_dtype("auto", {"float32": 2e11, "bfloat16": 9e11}) == "bfloat16"
+    assert bench.trl_dtype("auto", {"float32": 2e11, "bfloat16": 5e10}) == "float32"
+    assert bench.trl_dtype("float32", {"float32": 2e11, "bfloat16": 9e11}) == "float32"
 
 
 def test_the_llama_shape_is_a_llama_decoder_that_hugging_face_can_express():

@@ -182,4 +182,7 @@ def bench_config():
         compilation_cache_dir="",         # JAX persistent compilation cache ("" = off): a rerun loads, not compiles
         trl_steps=0,                      # --compare=trl: timed TRL steps per round (0 = as many as `steps`)
         trl_gradient_checkpointing=False,  # --compare=trl: TRL's gradient checkpointing (its default is on)
+        trl_dtype="auto",                 # --compare=trl: TRL's compute, float32 or bfloat16 (PyTorch's autocast
+                                          #   over float32 weights); auto = the faster of the two by a torch
+                                          #   matmul probe on this host, whatever dpo_jax computes in
     ))

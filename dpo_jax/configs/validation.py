@@ -22,6 +22,8 @@ from dpo_jax.stages.base import check_optimizer_block
 # Compute and storage dtypes of the model: what XLA runs on TPU, GPU and CPU (the compute dtype may also be
 # "auto", `models.compute_dtype`).
 DTYPES = ("float32", "bfloat16", "float16")
+# The benchmark's TRL side: auto picks the faster of float32 and bf16 autocast on the host.
+TRL_DTYPES = ("auto", "float32", "bfloat16")
 ATTENTION_KERNELS = ("auto",) + kernels.IMPLEMENTATIONS
 # The stages that sample in their step and whose `reward` may be a scorer spec.
 ONLINE_STAGES = ("ppo", "online_dpo", "grpo")
@@ -251,6 +253,8 @@ def validate(config):
     if "bench" in config:
         _check(config.bench.compute_dtype in ("auto",) + DTYPES, "bench.compute_dtype",
                f"must be auto or one of {DTYPES}, got {config.bench.compute_dtype!r}")
+        _check(config.bench.trl_dtype in TRL_DTYPES, "bench.trl_dtype",
+               f"must be one of {TRL_DTYPES}, got {config.bench.trl_dtype!r}")
         for key in ("rounds", "steps", "warmup_steps"):  # a warm-up step separates compiling from timing
             _check(config.bench[key] >= 1, f"bench.{key}", f"must be >= 1, got {config.bench[key]}")
 
