@@ -80,13 +80,16 @@ BAD_FILES = {
     "unknown extension .txt": ("pairs.txt", _lines(PAIR), None,
                                "unknown file type: expected one of .jsonl, .jsonl.gz, .json, .parquet"),
     "unknown extension .csv": ("pairs.csv", b"prompt,chosen,rejected\na,b,c\n", None, "unknown file type"),
-    "gzip data named .jsonl": ("pairs.jsonl", gzip.compress(_lines(PAIR)), 1,
-                               "not UTF-8: byte 1: b'\\x8b"),
+    # mtime=0: the header's timestamp bytes are shown in the message, and one of them
+    # being a quote character would change how Python quotes the bytes.
+    "gzip data named .jsonl": ("pairs.jsonl", gzip.compress(_lines(PAIR), mtime=0), 1,
+                               "not UTF-8: byte 1: b'\\x8b\\x08\\x00\\x00' (the file is gzip-compressed: "
+                               "name it *.jsonl.gz)"),
     "pretty-printed JSON in .jsonl": ("pairs.jsonl", json.dumps([PAIR], indent=1).encode(), 1,
                                       "bad JSON: Expecting value (column 2); one record per line is expected"),
     "not gzip, named .jsonl.gz": ("pairs.jsonl.gz", _lines(PAIR), None,
                                   "unreadable file: not gzip-compressed, though its name ends in .gz"),
-    "truncated gzip": ("pairs.jsonl.gz", gzip.compress(_lines(*[PAIR] * 50))[:60], "*",
+    "truncated gzip": ("pairs.jsonl.gz", gzip.compress(_lines(*[PAIR] * 50), mtime=0)[:60], "*",
                        "unreadable file: truncated gzip file (it ends before its end-of-stream marker)"),
     "nested 100,000 deep (.jsonl)": ("pairs.jsonl", _lines(PAIR) + _nested(100_000) + b"\n", 2,
                                      "bad JSON: nested too deeply to read"),
