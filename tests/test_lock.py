@@ -92,6 +92,15 @@ def test_the_lock_in_a_bucket(emulator):
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
 
 
+def _holder_pid(path):
+    """The pid in a lock file once its holder has written it whole, else None."""
+    try:
+        with open(path, encoding="utf-8") as file:
+            return json.load(file).get("pid")
+    except (OSError, ValueError):
+        return None
+
+
 @pytest.mark.slow
 def test_a_second_run_on_a_busy_workdir_stops_naming_the_first_which_is_unharmed(tmp_path):
     workdir = str(tmp_path / "run")
@@ -99,10 +108,16 @@ def test_a_second_run_on_a_busy_workdir_stops_naming_the_first_which_is_unharmed
     first = subprocess.Popen(run, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     path = os.path.join(workdir, lock.LOCK_NAME)
     deadline = time.monotonic() + 300
-    while not (os.path.exists(path) and os.path.getsize(path)):
+    while _holder_pid(path) != first.pid:
         assert first.poll() is None and time.monotonic() < deadline, "the first run never took the lock"
         time.sleep(0.05)
-    second = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
+    # The first run is paused while the second one tries, so that it still holds the lock however fast it
+    # would otherwise finish; it then resumes and must end as if nothing had happened.
+    first.send_signal(signal.SIGSTOP)
+    try:
+        second = subprocess.run(run, cwd=REPO, capture_output=True, text=True, timeout=300)
+    finally:
+        first.send_signal(signal.SIGCONT)
     out, err = first.communicate(timeout=600)
     assert first.returncode == 0, err[-3000:]
     assert second.returncode != 0
