@@ -859,7 +859,8 @@ def _report(bench, rounds, probes, peak_source):
         "levers": {key: options[key] for key in ("prefetch", "donate", "lagged_metrics", "length_buckets",
                                                  "compilation_cache_dir")}
                   | {key: config.model[key] for key in ("remat", "attention_block_size", "fused_qkv",
-                                                      "logits_chunk_size")},
+                                                      "logits_chunk_size")}
+                  | {"xla_flags": os.environ.get("XLA_FLAGS", "")},  # process-wide: the compiler's own levers
     }
     print(f"{result['pairs_per_sec']:.2f} pairs/s, {result['tokens_per_sec']:,.0f} real tokens/s "
           f"({result['padded_tokens_per_sec']:,.0f} padded), {result['model_flops_per_step'] / 1e9:.1f} GFLOP/step, "
@@ -1233,8 +1234,10 @@ def run_suite(config_spec, shapes, directory, overrides):
         if process.returncode != 0 or not lines:
             raise RuntimeError(f"--suite: shape {name} failed ({process.returncode}): {shlex.join(command)}")
         result = json.loads(lines[-1])
+        xla_flags = os.environ.get("XLA_FLAGS")  # the shapes' processes inherit it: part of the command
         result.update(shape=name, target=SUITE[name].target, what=SUITE[name].what,
-                      command=shlex.join(["python", *command[1:]]), wall_sec=time.perf_counter() - started)
+                      command=(f"XLA_FLAGS={shlex.quote(xla_flags)} " if xla_flags else "")
+                      + shlex.join(["python", *command[1:]]), wall_sec=time.perf_counter() - started)
         with open(os.path.join(directory, f"{name}.json"), "w", encoding="utf-8") as f:
             json.dump(result, f, indent=1)
         results[name] = result

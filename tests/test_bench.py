@@ -22,6 +22,8 @@ from dpo_jax.models import transformer
 HH_DIR = os.path.join(SHARED_DATA, "hh-rlhf")
 STEP_FIELDS = ("pairs_per_sec", "tokens_per_sec", "padded_tokens_per_sec", "model_flops_per_step", "mfu",
                "peak_flops", "compile_sec", "peak_memory_bytes", "state_bytes", "reference_bytes", "phase_sec")
+# An XLA flag at its default value: the benchmarks that run under it must record it, not change.
+HARMLESS_XLA_FLAGS = "--xla_cpu_enable_fast_math=false"
 PHASES = ("policy_forward_backward", "policy_attention", "reference_forward", "optimizer", "input_wait")
 
 
@@ -167,7 +169,8 @@ def test_the_suite_writes_a_json_per_shape_and_the_table(tmp_path):
     shapes = ["c_llama_6x512", "f_precomputed"]
     summary = _last_json(run_python(
         ["-m", "dpo_jax.bench", "--config=configs/bench_hh.py:runlocal", "--suite", f"--suite_dir={tmp_path}/suite",
-         f"--suite_shapes={','.join(shapes)}", f"--config.bench.workdir={tmp_path}"], timeout=900))
+         f"--suite_shapes={','.join(shapes)}", f"--config.bench.workdir={tmp_path}"],
+        env={"XLA_FLAGS": HARMLESS_XLA_FLAGS}, timeout=900))
     assert list(summary["shapes"]) == shapes
     results = {}
     for name in shapes:
@@ -175,6 +178,9 @@ def test_the_suite_writes_a_json_per_shape_and_the_table(tmp_path):
             results[name] = json.load(f)
         assert results[name]["trl_ratio"] == summary["shapes"][name]["trl_ratio"]
         assert f"--config=configs/bench_hh.py:runlocal,{bench.SUITE[name].arg}" in results[name]["command"]
+        # The shapes' processes inherit XLA_FLAGS, so the recorded command sets them as the run had them.
+        assert results[name]["command"].startswith(f"XLA_FLAGS={HARMLESS_XLA_FLAGS} python -m dpo_jax.bench ")
+        assert results[name]["levers"]["xla_flags"] == HARMLESS_XLA_FLAGS
     llama = results["c_llama_6x512"]
     assert llama["trl"]["architecture"] == "LlamaForCausalLM" and llama["trl"]["gradient_checkpointing"] is False
     precomputed = results["f_precomputed"]
@@ -223,12 +229,14 @@ def test_benchmark_levers_off_on_the_synthetic_task(tmp_path):
         ["-m", "dpo_jax.bench", "--config=configs/bench_hh.py:runlocal,synthetic,layout=padded",
          f"--config.bench.workdir={tmp_path}", "--config.dpo.reference=precomputed",
          "--config.bench.prefetch=False", "--config.bench.donate=False", "--config.bench.lagged_metrics=False",
-         "--config.bench.length_buckets=(16,32)", f"--config.bench.compilation_cache_dir={cache}"]))
+         "--config.bench.length_buckets=(16,32)", f"--config.bench.compilation_cache_dir={cache}"],
+        env={"XLA_FLAGS": HARMLESS_XLA_FLAGS}))
     for field in STEP_FIELDS:
         assert field in result, field
     assert result["reference_bytes"] == 0 and "reference_forward" not in result["phase_sec"]
     assert result["precompute_reference_sec"] > 0
     assert result["levers"]["length_buckets"] == [16, 32] and result["compiles"] >= 1
+    assert result["levers"]["xla_flags"] == HARMLESS_XLA_FLAGS  # the compiler's process-wide levers
     assert os.listdir(cache)
 
 
