@@ -4,9 +4,9 @@ Modes:
   step          (default) The DPO train step on the config's data and model, after warm-up and
                 excluding compilation, in `bench.rounds` rounds of `bench.steps` steps: pairs/s, real
                 and padded tokens/s, CPU-seconds per pair, model FLOPs per step, MFU against the
-                device's peak (CPU: a matmul probe re-run before every round, MFU against its median
-                with its range; TPU/GPU: the vendor figure), compile seconds, peak memory, and the
-                time per phase (policy forward+backward, reference forward, optimizer, input wait).
+                device's peak (CPU: a matmul probe in the compute dtype re-run before every round, MFU
+                against its median with its range; TPU/GPU: the vendor figure), compile seconds,
+                peak memory, and the time per phase (policy forward+backward, reference forward, optimizer, input wait).
                 `config.bench` switches the levers.
                 --compare=trl also runs TRL's DPOTrainer on the same pairs, tokenizer, architecture
                 (any family `dpo_jax.models.hf` writes) and batch, in a subprocess whose rounds
@@ -565,9 +565,10 @@ def _peak_probe(config):
     vendor = _vendor_peak(device)
     if device.platform != "cpu" and vendor:
         return (lambda: vendor * jax.device_count()), f"vendor {device.device_kind}"
-    # All CPU devices of a process share its cores: one probe measures them all.
+    # All CPU devices of a process share its cores: one probe measures them all, in the compute
+    # dtype (XLA:CPU's bf16 and float32 matmuls run at different peaks).
     dtype, size = jnp.dtype(config.model.dtype), config.bench.matmul_probe_size
-    return (lambda: matmul_peak(dtype, size)), "matmul probe"
+    return (lambda: matmul_peak(dtype, size)), f"{dtype.name} matmul probe"
 
 
 def _peak_rss():
@@ -859,6 +860,7 @@ def _report(bench, rounds, probes, peak_source):
         "levers": {key: options[key] for key in ("prefetch", "donate", "lagged_metrics", "length_buckets",
                                                  "compilation_cache_dir")}
                   | {key: config.model[key] for key in ("remat", "attention_block_size", "fused_qkv",
+                                                      "fused_gate_up", "fused_parallel_inputs",
                                                       "logits_chunk_size")}
                   | {"xla_flags": os.environ.get("XLA_FLAGS", "")},  # process-wide: the compiler's own levers
     }
@@ -947,10 +949,18 @@ def step_benchmark(config, compare):
 def ab_benchmark(config, other):
     """`config` (A) against `other` (B) in one process: after both compile and warm up, rounds of
     `bench.steps` steps alternate between them, so both see the same machine; the ratio is the
-    median of the per-round ratios of pairs/s. (The persistent compilation cache and XLA_FLAGS are
-    process-wide: compare those across processes.)"""
-    probe, peak_source = _start(config)
+    median of the per-round ratios of pairs/s. Each side's MFU is against a probe in its own compute
+    dtype, one probe per round when the two share it. (The persistent compilation cache and
+    XLA_FLAGS are process-wide: compare those across processes.)"""
+    peaks = {"a": _start(config)}
     _resolve(other, other.bench.workdir)
+    same_dtype = jnp.dtype(other.model.dtype) == jnp.dtype(config.model.dtype)
+    peaks["b"] = peaks["a"] if same_dtype else _peak_probe(other)
+
+    def probe():
+        figures = {"a": peaks["a"][0]()}
+        return figures | {"b": figures["a"] if same_dtype else peaks["b"][0]()}
+
     options = config.bench
     benches = {"a": _prepare(config, options.warmup_steps + options.rounds * options.steps),
                "b": _prepare(other, options.warmup_steps + options.rounds * options.steps)}
@@ -961,7 +971,7 @@ def ab_benchmark(config, other):
     results = {}
     for name, bench in benches.items():
         print(f"{name.upper()}:")
-        results[name] = _report(bench, timed[name], probes, peak_source)
+        results[name] = _report(bench, timed[name], [figures[name] for figures in probes], peaks[name][1])
     ratio = round_ratios(timed["a"], timed["b"])
     print("A / B = " + _format_ratio(ratio))
     return {"mode": "ab", "rounds": options.rounds, "ratio": ratio["median"],

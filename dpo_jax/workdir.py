@@ -24,7 +24,8 @@ RESUMABLE_CHANGES = tuple(f"{stage}.num_steps" for stage in stages.STAGES) + (
     "mesh.dcn", "mesh.data", "mesh.fsdp", "mesh.tensor",
     # How the same network is computed, so a run can move between machines.
     "model.remat", "model.attention_kernel", "model.attention_kernel_block_size", "model.attention_block_size",
-    "model.fused_qkv", "model.logits_chunk_size") + tuple(
+    "model.fused_qkv", "model.fused_gate_up", "model.fused_parallel_inputs",
+    "model.logits_chunk_size") + tuple(
     # Which runs an experiment holds: each run checks its own workdir, so adding one keeps the others.
     f"experiment.{key}" for key in ("dpo_betas", "ipo_betas", "ppo_kl_coefs", "ppo_gt_kl_coefs", "online_dpo_betas",
                                     "grpo_betas", "preferred_ft", "unlikelihood", "best_of_n", "dpo_learning_rates",

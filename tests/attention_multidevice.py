@@ -1,11 +1,13 @@
 """The decoder's fused attention split over 8 CPU devices by `jax.shard_map`, against one device.
 
 Run by tests/test_kernels.py in a fresh process (the device count is set before JAX starts):
-  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/attention_multidevice.py IMPLEMENTATION
+  XLA_FLAGS=--xla_force_host_platform_device_count=8 python tests/attention_multidevice.py IMPLEMENTATION BLOCK
 Prints one JSON line: the loss and the largest gradient error relative to each leaf's largest entry,
 on meshes splitting rows and heads (data x fsdp x tensor; traced under `sharding.on_mesh`, as
 training's steps are) and rows only (data; under `jax.set_mesh`, as in a user's code), and with no
-mesh in context (where the decoder takes the dense path, which jit partitions).
+mesh in context (where the decoder takes the dense path, which jit partitions). BLOCK is `gated`
+(SwiGLU: q, k, v and gate, up fused, each split over `tensor`) or `parallel` (GPT-J's one-norm
+parallel block: q, k, v and the MLP's input as one matmul, split over `tensor`).
 """
 
 import contextlib
@@ -22,10 +24,14 @@ from dpo_jax import models, sharding, steps
 from dpo_jax.data import layouts
 
 
-def main(implementation):
+BLOCKS = {"gated": dict(gated_mlp=True, activation="silu"),
+          "parallel": dict(parallel_residual=True, shared_block_norm=True, attention_bias=False)}
+
+
+def main(implementation, block):
     config = run_config("quickstart", "runlocal")
     config.model.update(position_embedding="rope", num_heads=4, num_kv_heads=2, num_layers=1,
-                        max_position_embeddings=256)
+                        max_position_embeddings=256, **BLOCKS[block])
     arrays = layouts.pair_arrays(_decoder_pairs(8, seed=0, max_length=60), "packed_prefix_shared", max_length=60,
                                  row_length=120, max_pairs_per_row=2)
     rows = len(arrays["input_ids"])
@@ -34,8 +40,9 @@ def main(implementation):
     params = models.init_params(config.model, seed=1, shardings=None)
     reference_params = jax.tree.map(lambda p: p * 1.05, params)
 
-    def loss_and_grads(kernel, mesh=None, context=None, fused_qkv=True):
-        model_config = {**config.model, "attention_kernel": kernel, "fused_qkv": fused_qkv}
+    def loss_and_grads(kernel, mesh=None, context=None, fused=True):
+        model_config = {**config.model, "attention_kernel": kernel, "fused_qkv": fused, "fused_gate_up": fused,
+                        "fused_parallel_inputs": fused}
         graphdef = models.abstract_model(model_config)[0]
         loss_fn = functools.partial(steps.dpo_loss, graphdef=graphdef, dpo_config=config.dpo)
         fn = jax.value_and_grad(lambda p, batch: loss_fn(p, reference_params, batch, None)[0])
@@ -52,8 +59,8 @@ def main(implementation):
                 jax.device_put(params, shardings), batch)
         return loss, grads, "shard_map" in jaxpr and "pallas_call" in jaxpr
 
-    # One device, dense attention and separate q, k, v matmuls: what each mesh's fused paths must equal.
-    expected_loss, expected_grads = loss_and_grads("dense", fused_qkv=False)
+    # One device, dense attention and separate projections: what each mesh's fused paths must equal.
+    expected_loss, expected_grads = loss_and_grads("dense", fused=False)
     results = {}
     rows_and_heads = dict(dcn=1, data=2, fsdp=2, tensor=2)
     rows = dict(dcn=1, data=8 if keep % 8 == 0 else 4, fsdp=1, tensor=-1)
@@ -69,4 +76,4 @@ def main(implementation):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:])

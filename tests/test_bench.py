@@ -203,6 +203,22 @@ def test_ab_rounds_give_the_median_of_per_round_ratios(tmp_path):
     assert result["a"]["levers"]["prefetch"] and not result["b"]["levers"]["prefetch"]
 
 
+def test_ab_sides_in_two_dtypes_each_get_a_probe_in_their_own(tmp_path):
+    """float32 against bf16: each side's MFU is against a matmul probe in its compute dtype."""
+    result = _last_json(run_python(
+        ["-m", "dpo_jax.bench", "--config=configs/bench_hh.py:runlocal,synthetic", f"--config.bench.workdir={tmp_path}",
+         "--ab_config=configs/bench_hh.py:runlocal,synthetic", "--ab_config.bench.compute_dtype=bfloat16",
+         f"--ab_config.bench.workdir={tmp_path}"]))
+    assert (result["a"]["dtype"], result["b"]["dtype"]) == ("float32", "bfloat16")
+    assert result["a"]["peak_flops_source"] == "float32 matmul probe"
+    assert result["b"]["peak_flops_source"] == "bfloat16 matmul probe"
+    # Two probes timed apart: their medians differ (one probe shared would make them equal, as above).
+    assert result["a"]["peak_flops"] != result["b"]["peak_flops"]
+    for side in ("a", "b"):
+        low, high = result[side]["peak_flops_range"]
+        assert 0 < low <= result[side]["peak_flops"] <= high
+
+
 @pytest.mark.parametrize("layout", ["padded", "packed_prefix_shared"])
 def test_trl_steps_hold_as_many_pairs_as_a_dpo_jax_step_on_average(tmp_path, layout):
     """TRL's batch is dpo_jax's: the units per step when a unit is a pair, else the pairs that

@@ -70,7 +70,7 @@ def test_the_whole_check_passes_on_cpu(checked):
 
     bench = summary["bench"]
     assert 0 < bench["pairs_per_sec"] < bench["tokens_per_sec"] <= bench["padded_tokens_per_sec"]
-    assert 0 < bench["mfu"] and bench["peak_flops_source"] == "matmul probe"
+    assert 0 < bench["mfu"] and bench["peak_flops_source"] == "float32 matmul probe"
     assert summary["peak_memory_bytes"] >= bench["peak_memory_bytes"] > 0
 
 

@@ -284,13 +284,13 @@ def test_the_decoder_takes_the_fused_path_only_where_it_applies(decoder_setup):
         transformer.DecoderConfig.from_config({**config.model, "attention_kernel": "flash"})
 
 
-@pytest.mark.parametrize("implementation", FUSED)
-def test_the_fused_path_splits_over_a_mesh(implementation):
+@pytest.mark.parametrize("implementation, block", [(name, "gated") for name in FUSED] + [(FUSED[0], "parallel")])
+def test_the_fused_path_splits_over_a_mesh(implementation, block):
     """8 devices: rows over data x fsdp and heads over tensor (2 kv heads, 4 query heads), then rows
-    only, then with no mesh in context; the loss and gradients equal one device's dense path
-    (float32, within 1e-4)."""
+    only, then with no mesh in context; the loss and gradients equal one device's dense path with
+    unfused projections (float32, within 1e-4)."""
     from conftest import host_devices, run_python  # pylint: disable=import-outside-toplevel
-    result = run_python(["tests/attention_multidevice.py", implementation],
+    result = run_python(["tests/attention_multidevice.py", implementation, block],
                         env={**host_devices(8), "PYTHONPATH": "tests"})
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert set(report["meshes"]) == {"rows_and_heads", "rows", "no_mesh_in_context"}

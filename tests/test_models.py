@@ -122,17 +122,12 @@ def test_token_logps_of_scored_tokens_equal_the_full_logits_path(preset):
         np.testing.assert_allclose(chunked, full, atol=1e-5)
 
 
-@pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-gemma"])  # biases; grouped kv heads; one kv head
-def test_fused_qkv_gives_the_unfused_logits_and_gradients(preset):
-    """One matmul for q, k and v computes the three projections' numbers, forward and backward."""
-    fused, unfused = (random_model(preset, fused_qkv=flag) for flag in (True, False))  # the same parameters
-    assert all(block.attention._fusable() for block in fused.blocks)  # pylint: disable=protected-access
-    assert not any(block.attention._fusable() for block in unfused.blocks)  # pylint: disable=protected-access
+def _assert_same_logits_and_gradients(model, other):
     x = tokens((2, 11), seed=14)
-    np.testing.assert_allclose(run(fused, x), run(unfused, x), atol=1e-5)
+    np.testing.assert_allclose(run(model, x), run(other, x), atol=1e-5)
     weights = jnp.asarray(np.random.RandomState(15).randn(2, 11, 64), jnp.float32)
     grads = [jax.jit(jax.grad(lambda p, g=graphdef: jnp.sum(weights * models.apply(g, p, x))))(params)
-             for graphdef, params in (nnx.split(model, nnx.Param) for model in (fused, unfused))]
+             for graphdef, params in (nnx.split(m, nnx.Param) for m in (model, other))]
     # float32 sums in another order: errors relative to the largest gradient entry (the key bias's
     # gradient is 0 in exact arithmetic, round-off in float32)
     scale = max(float(np.abs(b).max()) for b in jax.tree.leaves(grads[1]))
@@ -140,11 +135,56 @@ def test_fused_qkv_gives_the_unfused_logits_and_gradients(preset):
         np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * scale)
 
 
-def test_fused_qkv_steps_aside_for_lora_adapters_on_the_projections():
-    model = random_model("tiny-llama", fused_qkv=True, lora=dict(rank=2, alpha=4.0, targets=("query", "value")))
-    assert not model.blocks[0].attention._fusable()  # pylint: disable=protected-access
+@pytest.mark.parametrize("preset", ["tiny", "tiny-llama", "tiny-gemma"])  # biases; grouped kv heads; one kv head
+def test_fused_qkv_gives_the_unfused_logits_and_gradients(preset):
+    """One matmul for q, k and v computes the three projections' numbers, forward and backward."""
+    fused, unfused = (random_model(preset, fused_qkv=flag) for flag in (True, False))  # the same parameters
+    assert all(block.attention.fusable() for block in fused.blocks)
+    assert not any(block.attention.fusable() for block in unfused.blocks)
+    _assert_same_logits_and_gradients(fused, unfused)
+
+
+@pytest.mark.parametrize("preset, overrides", [("tiny-llama", {}), ("tiny-gemma", {}),  # silu; gelu
+                                               ("tiny-llama", {"mlp_bias": True})])
+def test_fused_gate_up_gives_the_unfused_logits_and_gradients(preset, overrides):
+    """One matmul for a gated MLP's gate and up computes the two projections' numbers, forward and backward."""
+    fused, unfused = (random_model(preset, fused_gate_up=flag, **overrides) for flag in (True, False))
+    assert all(block.mlp.fusable() for block in fused.blocks)
+    assert not any(block.mlp.fusable() for block in unfused.blocks)
+    assert (fused.blocks[0].mlp.up.bias is not None) == bool(overrides)
+    _assert_same_logits_and_gradients(fused, unfused)
+
+
+def test_fused_gate_up_needs_a_gated_mlp():
+    assert not random_model("tiny", fused_gate_up=True).blocks[0].mlp.fusable()
+
+
+@pytest.mark.parametrize("overrides", [{}, {"attention_bias": True}])  # GPT-J: biases on the MLP's input only; on all
+def test_fused_parallel_inputs_give_the_unfused_logits_and_gradients(overrides):
+    """GPT-J's block, one norm for attention and the MLP: q, k, v and the MLP's input as one matmul."""
+    fused, unfused = (random_model("tiny-gptj", fused_parallel_inputs=flag, **overrides) for flag in (True, False))
+    assert all(block.fuses_inputs() for block in fused.blocks)
+    assert not any(block.fuses_inputs() for block in unfused.blocks)
+    block = fused.blocks[0]
+    assert block.mlp.up.bias is not None and (block.attention.query.bias is not None) == bool(overrides)
+    _assert_same_logits_and_gradients(fused, unfused)
+
+
+def test_fused_parallel_inputs_need_one_norm_and_fused_qkv():
+    assert not random_model("tiny-gpt_neox", fused_parallel_inputs=True).blocks[0].fuses_inputs()  # two norms
+    assert not random_model("tiny-gptj", fused_parallel_inputs=True, fused_qkv=False).blocks[0].fuses_inputs()
+
+
+def test_fused_projections_step_aside_for_lora_adapters_on_them():
+    model = random_model("tiny-llama", fused_qkv=True, fused_gate_up=True,
+                         lora=dict(rank=2, alpha=4.0, targets=("query", "value", "up")))
+    assert not model.blocks[0].attention.fusable()
+    assert not model.blocks[0].mlp.fusable()
     base = nnx.view(model, use_lora=False)  # adapters off: nothing stands in the way
-    assert base.blocks[0].attention._fusable()  # pylint: disable=protected-access
+    assert base.blocks[0].attention.fusable()
+    assert base.blocks[0].mlp.fusable()
+    gptj = random_model("tiny-gptj", fused_parallel_inputs=True, lora=dict(rank=2, alpha=4.0, targets=("up",)))
+    assert not gptj.blocks[0].fuses_inputs() and nnx.view(gptj, use_lora=False).blocks[0].fuses_inputs()
 
 
 def test_parameters_carry_the_logical_axis_names():

@@ -109,12 +109,13 @@ def test_bad_config_is_refused_before_anything_runs(tmp_path, flags, env, messag
 
 
 def test_a_workdir_accepts_another_way_of_computing_the_same_model(finished_run):
-    """remat, blockwise attention and scored-token log-probs change how, not what: a finished run
-    rerun with them is accepted and has nothing left to do."""
+    """remat, blockwise attention, scored-token log-probs and unfused projections change how, not
+    what: a finished run rerun with them is accepted and has nothing left to do."""
     workdir, _ = finished_run
     before = workdir_summary(workdir)
     run_python(RUNLOCAL + [f"--workdir={workdir}", "--config.model.remat=True", "--config.model.attention_block_size=8",
-                           "--config.model.logits_chunk_size=0"])
+                           "--config.model.logits_chunk_size=0", "--config.model.fused_qkv=False",
+                           "--config.model.fused_gate_up=False", "--config.model.fused_parallel_inputs=False"])
     assert workdir_summary(workdir) == before
 
 

@@ -105,9 +105,13 @@ def model_config(preset="tiny", **overrides):
         attention_kernel_block_size=128,  # the fused kernels' query and key block (splash: a multiple of 128)
         attention_block_size=0,           # dense path: 0 = jax.nn.dot_product_attention; > 0: blockwise attention
                                           #   skipping fully masked blocks of this size (packed rows on CPU)
-        fused_qkv=True,                   # one matmul for the query, key and value projections, their kernels side
-                                          #   by side per kv head (a tensor-parallel split stays local); not with
-                                          #   LoRA on them
+        fused_qkv=True,                   # one matmul for the query, key and value projections, their kernels
+                                          #   interleaved per tensor-parallel slice (the split stays local); not
+                                          #   with LoRA on them
+        fused_gate_up=True,               # gated MLPs: one matmul for the gate and up projections, interleaved per
+                                          #   tensor-parallel slice; not with LoRA on them
+        fused_parallel_inputs=True,       # parallel blocks with one norm (GPT-J): one matmul for q, k, v and the
+                                          #   MLP's input (with fused_qkv); not with LoRA on them
         logits_chunk_size=128,            # training log-probs from logits of the scored (response) tokens only, this
                                           #   many per row at a time (memory bounded in the vocabulary); 0: full logits
         init_from_hf="",                  # local Hugging Face model dir to start from ("" = random init); its

@@ -51,8 +51,8 @@ LORA_TARGETS = ("query", "key", "value", "out", "gate", "up", "down")
 ROPE_SCALINGS = ("none", "linear", "llama3")
 # Fields that say how to run or where to start, not what the network computes.
 RUNTIME_FIELDS = ("dtype", "param_dtype", "remat", "attention_kernel", "attention_kernel_block_size",
-                  "attention_block_size", "fused_qkv", "logits_chunk_size", "init_from_hf", "lora_rank", "lora_alpha",
-                  "lora_targets")
+                  "attention_block_size", "fused_qkv", "fused_gate_up", "fused_parallel_inputs", "logits_chunk_size",
+                  "init_from_hf", "lora_rank", "lora_alpha", "lora_targets")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +100,8 @@ class DecoderConfig:
     attention_kernel_block_size: int = 128  # the fused kernels' block
     attention_block_size: int = 0  # dense path: 0: jax.nn.dot_product_attention; > 0: `blockwise_attention`
     fused_qkv: bool = False  # one matmul for q, k and v (`Attention.projections`)
+    fused_gate_up: bool = False  # one matmul for a gated MLP's gate and up projections (`MLP.projections`)
+    fused_parallel_inputs: bool = False  # one matmul for a one-norm parallel block's inputs (`Block.fuses_inputs`)
     logits_chunk_size: int = 0  # 0: training log-probs from full logits; > 0: `losses.scored_token_logps` chunks
 
     def __post_init__(self):
@@ -178,6 +180,33 @@ def matmul(x, kernel, *, transposed=False, preferred_element_type=None):
     out = jnp.matmul(x.reshape(-1, x.shape[-1]), kernel.T if transposed else kernel,  # XLA folds the .T in
                      preferred_element_type=preferred_element_type)
     return out.reshape(*x.shape[:-1], out.shape[-1])
+
+
+def tensor_slices():
+    """How many slices the mesh in context splits the `tensor` axis into (1 without a mesh)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    return 1 if mesh.empty else mesh.shape.get("tensor", 1)
+
+
+def side_by_side(x, layers, slices):
+    """[layer(x) for layer in layers] (`Dense` layers without an active adapter) as one matmul.
+
+    x is read once, and the backward pass gets x's gradient from one matmul instead of a sum of
+    several. The kernels are interleaved per `slices` ([in, slices x (each layer's slice of its
+    outputs)]), so when the mesh splits their outputs over `tensor` in as many slices, each
+    device's part of the fused kernel is its own part of every layer and the concatenation needs
+    no communication; with one slice it is [first | second | ...]. The parameters stay separate,
+    so checkpoints, LoRA and Hugging Face interop see the same tree."""
+    dtype = layers[0].dtype
+    arrange = lambda w: w[...].astype(dtype).reshape(*w.shape[:-1], slices, -1)  # [..., slices, out / slices]
+    kernel = jnp.concatenate([arrange(layer.kernel) for layer in layers], axis=-1)
+    y = matmul(x.astype(dtype), kernel.reshape(x.shape[-1], -1))
+    if any(layer.bias is not None for layer in layers):  # a layer without one adds zeros (GPT-J: q, k, v)
+        biases = [jnp.zeros(layer.kernel.shape[-1:], dtype) if layer.bias is None else layer.bias for layer in layers]
+        y = y + jnp.concatenate([arrange(bias) for bias in biases], axis=-1).reshape(-1)
+    y = y.reshape(*x.shape[:-1], slices, -1)
+    ends = np.cumsum([layer.kernel.shape[-1] // slices for layer in layers])[:-1]
+    return [part.reshape(*x.shape[:-1], -1) for part in jnp.split(y, ends, axis=-1)]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -263,6 +292,10 @@ class RMSNorm(nnx.Module):
 def _dense(in_features, out_features, axes, *, use_bias, config, rngs, name=None):
     lora_rank = config.lora_rank if name in config.lora_targets else 0
     return Dense(in_features, out_features, axes, use_bias=use_bias, config=config, rngs=rngs, lora_rank=lora_rank)
+
+
+def _no_active_adapter(*layers):
+    return not any(layer.lora_a is not None and layer.use_lora for layer in layers)
 
 
 def _norm(config, rngs):
@@ -532,55 +565,32 @@ class Attention(nnx.Module):
         self.out = dense("out", config.num_heads * head_dim, config.embed_dim, ("heads", "embed"),
                          config.attention_out_bias)
 
-    def _fusable(self):
+    def fusable(self):
         """Whether `projections` may fuse: asked for, no LoRA adapter active on q, k or v, and kv heads
         that the mesh's tensor axis divides (else the fused kernel's split would cut through a head)."""
-        if not self.config.fused_qkv or any(layer.lora_a is not None and layer.use_lora
-                                            for layer in (self.query, self.key, self.value)):
-            return False
-        mesh = jax.sharding.get_abstract_mesh()
-        return mesh.empty or self.config.num_kv_heads % mesh.shape.get("tensor", 1) == 0
+        return self.config.fused_qkv and _no_active_adapter(self.query, self.key, self.value) and (
+            self.config.num_kv_heads % tensor_slices() == 0)
+
+    @property
+    def projection_layers(self):
+        return self.query, self.key, self.value
 
     def projections(self, x):
-        """q [batch, time, heads, head_dim], k and v [batch, time, kv_heads, head_dim].
+        """q, k and v of x [..., heads or kv_heads x head_dim]: fused, one matmul of x against the three
+        kernels side by side (`side_by_side`, interleaved per slice of the tensor axis, so each
+        device's slice is its own heads' q, k and v)."""
+        layers = self.projection_layers
+        return side_by_side(x, layers, tensor_slices()) if self.fusable() else [layer(x) for layer in layers]
 
-        Fused, one matmul of x against the three kernels side by side: one pass over x instead of
-        three, and a matmul three times as wide, for the same numbers. On a mesh that splits the
-        heads over `tensor`, the kernels are laid side by side per kv head ([embed, kv_heads x (the kv
-        head's query group, its key, its value)]), so each device's slice of the fused kernel is its
-        own heads' q, k and v and the concatenation needs no communication; otherwise as
-        [q | k | v], whose outputs are contiguous slices. The parameters stay three (checkpoints,
-        LoRA and Hugging Face interop see the same tree)."""
-        config = self.config
-        batch, length, embed = x.shape
-        head_dim, heads, kv_heads = config.resolved_head_dim, config.num_heads, config.num_kv_heads
-        if not self._fusable():
-            return (self.query(x).reshape(batch, length, heads, head_dim),
-                    self.key(x).reshape(batch, length, kv_heads, head_dim),
-                    self.value(x).reshape(batch, length, kv_heads, head_dim))
-        layers, dtype = (self.query, self.key, self.value), self.query.dtype
-        mesh = jax.sharding.get_abstract_mesh()
-        per_kv_head = not mesh.empty and mesh.shape.get("tensor", 1) > 1
-        # [..., out] -> [..., kv_heads, out / kv_heads] to interleave per kv head, else as it is
-        arrange = ((lambda w: w[...].astype(dtype).reshape(*w.shape[:-1], kv_heads, -1)) if per_kv_head
-                   else (lambda w: w[...].astype(dtype)))
-        kernel = jnp.concatenate([arrange(layer.kernel) for layer in layers], axis=-1).reshape(embed, -1)
-        y = matmul(x.astype(dtype), kernel)
-        if self.query.bias is not None:
-            y = y + jnp.concatenate([arrange(layer.bias) for layer in layers], axis=-1).reshape(-1)
-        if per_kv_head:
-            y = y.reshape(batch, length, kv_heads, heads // kv_heads + 2, head_dim)
-            return y[:, :, :, :-2].reshape(batch, length, heads, head_dim), y[:, :, :, -2], y[:, :, :, -1]
-        q, k, v = jnp.split(y, (heads * head_dim, (heads + kv_heads) * head_dim), axis=-1)
-        return (q.reshape(batch, length, heads, head_dim), k.reshape(batch, length, kv_heads, head_dim),
-                v.reshape(batch, length, kv_heads, head_dim))
-
-    def __call__(self, x, positions, visibility, cache=None, cache_index=None):
-        """Attention output; with a cache {key, value} [batch, slots, kv_heads, head_dim], also the new cache."""
+    def __call__(self, x, positions, visibility, cache=None, cache_index=None, projected=None):
+        """Attention output; with a cache {key, value} [batch, slots, kv_heads, head_dim], also the new cache.
+        `projected`: x's q, k and v as `projections` gives them, when the caller computed them."""
         config = self.config
         batch, length, _ = x.shape
         head_dim = config.resolved_head_dim
-        q, k, v = self.projections(x)
+        q, k, v = self.projections(x) if projected is None else projected
+        q = q.reshape(batch, length, config.num_heads, head_dim)
+        k, v = (y.reshape(batch, length, config.num_kv_heads, head_dim) for y in (k, v))
         if config.position_embedding == "rope":
             inv_freq = rope_inverse_frequencies(config)  # a constant of the trace
             q = rotary_embedding(q, positions, inv_freq)
@@ -649,6 +659,7 @@ class MLP(nnx.Module):
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
         self.activation = ACTIVATIONS[config.activation]
+        self.config = config
 
         def dense(name, i, o, axes):
             return _dense(i, o, axes, use_bias=config.mlp_bias, config=config, rngs=rngs, name=name)
@@ -657,25 +668,61 @@ class MLP(nnx.Module):
         self.gate = dense("gate", config.embed_dim, config.mlp_dim, ("embed", "mlp")) if config.gated_mlp else None
         self.down = dense("down", config.mlp_dim, config.embed_dim, ("mlp", "embed"))
 
-    def __call__(self, x):
-        if self.gate is not None:
-            hidden = self.activation(self.gate(x)) * self.up(x)
+    @property
+    def input_layers(self):
+        """The projections of the MLP's input: (gate, up), or (up,) ungated."""
+        return (self.up,) if self.gate is None else (self.gate, self.up)
+
+    def inputs_fusable(self):
+        """Whether `input_layers` may run side by side: no LoRA adapter active on them, and an MLP width
+        that the mesh's tensor axis divides."""
+        return _no_active_adapter(*self.input_layers) and self.config.mlp_dim % tensor_slices() == 0
+
+    def fusable(self):
+        """Whether `projections` fuses gate and up: a gated MLP, asked for, and `inputs_fusable`."""
+        return self.gate is not None and self.config.fused_gate_up and self.inputs_fusable()
+
+    def projections(self, x):
+        """`input_layers` of x [..., mlp]; gate and up fused into one matmul of x against the two kernels
+        side by side (`side_by_side`, interleaved per slice of the tensor axis)."""
+        layers = self.input_layers
+        return side_by_side(x, layers, tensor_slices()) if self.fusable() else [layer(x) for layer in layers]
+
+    def __call__(self, x, projected=None):
+        """`projected`: x's `projections`, when the caller computed them."""
+        projected = self.projections(x) if projected is None else projected
+        if self.gate is None:
+            hidden = self.activation(projected[0])
         else:
-            hidden = self.activation(self.up(x))
+            gate, up = projected
+            hidden = self.activation(gate) * up
         return self.down(hidden)
 
 
 class Block(nnx.Module):
 
     def __init__(self, config: DecoderConfig, rngs: nnx.Rngs):
+        self.config = config
         self.parallel_residual = config.parallel_residual
         self.attention_norm = _norm(config, rngs)
         self.attention = Attention(config, rngs)
         self.mlp_norm = None if config.shared_block_norm else _norm(config, rngs)
         self.mlp = MLP(config, rngs)
 
+    def fuses_inputs(self):
+        """Whether a parallel block with one norm (GPT-J) projects it for attention and the MLP in one
+        matmul (`side_by_side`): asked for, and q, k, v fused and the MLP's inputs fusable. Its
+        backward then gets the norm's gradient from one matmul, not a sum of two."""
+        return (self.config.fused_parallel_inputs and self.parallel_residual and self.mlp_norm is None
+                and self.attention.fusable() and self.mlp.inputs_fusable())
+
     def __call__(self, x, positions, visibility, cache=None, cache_index=None):
         normed = self.attention_norm(x)
+        if self.fuses_inputs():
+            projected = side_by_side(normed, self.attention.projection_layers + self.mlp.input_layers,
+                                     tensor_slices())
+            attention_out, cache = self.attention(normed, positions, visibility, cache, cache_index, projected[:3])
+            return x + attention_out + self.mlp(normed, projected[3:]), cache
         attention_out, cache = self.attention(normed, positions, visibility, cache, cache_index)
         if self.parallel_residual:
             mlp_in = normed if self.mlp_norm is None else self.mlp_norm(x)
