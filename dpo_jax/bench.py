@@ -6,7 +6,8 @@ Modes:
                 and padded tokens/s, CPU-seconds per pair, model FLOPs per step, MFU against the
                 device's peak (CPU: a matmul probe in the compute dtype re-run before every round, MFU
                 against its median with its range; TPU/GPU: the vendor figure), compile seconds,
-                peak memory, and the time per phase (policy forward+backward, reference forward, optimizer, input wait).
+                peak memory, and the time per phase (policy forward+backward, reference forward,
+                optimizer, input wait).
                 `config.bench` switches the levers.
                 --compare=trl also runs TRL's DPOTrainer on the same pairs, tokenizer, architecture
                 (any family `dpo_jax.models.hf` writes) and batch, in a subprocess whose rounds
