@@ -23,7 +23,6 @@ from test_kernels import _decoder_pairs
 from dpo_jax import models, sharding, steps
 from dpo_jax.data import layouts
 
-
 BLOCKS = {"gated": dict(gated_mlp=True, activation="silu"),
           "parallel": dict(parallel_residual=True, shared_block_norm=True, attention_bias=False)}
 
