@@ -210,3 +210,32 @@ def test_a_bad_json_array_file_names_the_line(tmp_path):
     path.write_text('[\n {"prompt": "a", "chosen": "b", "rejected": "c"},\n {"prompt": "a", "chosen" "b"}\n]')
     with pytest.raises(records.BadExample, match=f"{path}:3: bad JSON"):
         _prepare("preference_files", tmp_path / "data", config=builders.FilesConfig.of({"train": [str(path)]}))
+
+
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY")
+
+
+def test_offline_with_no_raw_files_is_an_error_naming_manual_dir_before_any_download(tmp_path, monkeypatch):
+    """An empty manual_dir and no DNS: refused at once, not after minutes of TFDS's download retries."""
+    for variable in PROXY_VARIABLES:
+        monkeypatch.delenv(variable, raising=False)
+    looked_up = []
+
+    def no_dns(host, *args, **kwargs):
+        looked_up.append(host)
+        raise builders.socket.gaierror(-2, "Name or service not known")
+
+    monkeypatch.setattr(builders.socket, "getaddrinfo", no_dns)
+    (tmp_path / "raw").mkdir()
+    with pytest.raises(ValueError, match=r"hh_rlhf: cannot download https://raw\.githubusercontent\.com/anthropics/"
+                                         r".*raw\.githubusercontent\.com does not resolve .*Name or service not known.*"
+                                         r"Put the raw files in `manual_dir`.*config\.data\.manual_dir"):
+        _prepare("hh_rlhf/harmless-base", tmp_path / "data", tmp_path / "raw")
+    assert looked_up == ["raw.githubusercontent.com"]
+
+
+def test_behind_a_proxy_the_download_is_left_to_it(monkeypatch):
+    """A proxy resolves the host itself, so a name this machine cannot resolve is no reason to stop."""
+    monkeypatch.setenv("https_proxy", "http://proxy.example:3128")
+    monkeypatch.setattr(builders.socket, "getaddrinfo", lambda *args, **kwargs: pytest.fail("looked up a name"))
+    builders._check_resolvable("hh_rlhf", ["https://raw.githubusercontent.com/a"])  # pylint: disable=protected-access

@@ -16,7 +16,10 @@ the prepared dataset's metadata (`builder.info.metadata`), per split.
 import collections
 import dataclasses
 import hashlib
+import socket
 import tarfile
+import urllib.parse
+import urllib.request
 from typing import Tuple
 
 import tensorflow_datasets as tfds
@@ -33,6 +36,19 @@ FEATURES = tfds.features.FeaturesDict({
 })
 # Split names: preference pairs in train / validation / test, SFT examples in sft_<split>.
 _MANUAL = "Put the raw files in `manual_dir` laid out as in the original repository (see the builder's URLS)."
+
+
+def _check_resolvable(name, urls):
+    """Fails at once, naming `manual_dir`, when the hosts of `urls` do not resolve and no proxy would
+    resolve them instead: offline, TFDS's downloader retries each file for minutes before failing."""
+    if urllib.request.getproxies():  # the proxy resolves the host, which may not resolve here
+        return
+    for host in sorted({urllib.parse.urlsplit(url).hostname for url in urls}):
+        try:
+            socket.getaddrinfo(host, None)
+        except OSError as error:  # socket.gaierror: no such name, or no DNS at all
+            raise ValueError(f"{name}: cannot download {urls[0]}: {host} does not resolve ({error}). Offline? "
+                             f"{_MANUAL} (config.data.manual_dir in a dpo_jax config)") from error
 
 
 class _Builder(tfds.core.GeneratorBasedBuilder):
@@ -81,7 +97,9 @@ class _Builder(tfds.core.GeneratorBasedBuilder):
             manual_dir = None
         if manual_dir is not None:
             return sorted(path for pattern in patterns for path in storage.glob(manual_dir, pattern))
-        return [str(dl_manager.download(self._url(pattern))) for pattern in patterns]
+        urls = [self._url(pattern) for pattern in patterns]
+        _check_resolvable(self.name, urls)
+        return [str(dl_manager.download(url)) for url in urls]
 
     def _split_generators(self, dl_manager):
         splits = {split: self._local_files(dl_manager, patterns) for split, patterns in self._split_files().items()}
