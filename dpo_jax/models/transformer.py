@@ -568,7 +568,7 @@ class Attention(nnx.Module):
     def fusable(self):
         """Whether `projections` may fuse: asked for, no LoRA adapter active on q, k or v, and kv heads
         that the mesh's tensor axis divides (else the fused kernel's split would cut through a head)."""
-        return self.config.fused_qkv and _no_active_adapter(self.query, self.key, self.value) and (
+        return self.config.fused_qkv and _no_active_adapter(*self.projection_layers) and (
             self.config.num_kv_heads % tensor_slices() == 0)
 
     @property
